@@ -1,0 +1,264 @@
+"""The gateway's exception tree and the one place that turns exceptions into HTTP responses.
+
+Every error body is `application/problem+json` (RFC 9457) with a stable machine-readable `code`.
+Messages never include tokens, keys or signed URLs: callers pass only a reason class.
+
+    GatewayError
+    ├── AuthenticationFailed      401 invalid_token / missing_token
+    ├── PermissionDenied          403 forbidden
+    │   ├── MissingScope          403 insufficient_scope
+    │   ├── AgentNotAllowed       403 agent_not_allowed
+    │   └── ActAsNotAllowed       403 act_as_not_allowed
+    ├── NotFound                  404 not_found
+    ├── InvalidRequest            422 invalid_request
+    ├── PayloadTooLarge           413 payload_too_large
+    ├── UnsupportedMediaType      415 unsupported_media_type
+    ├── RateLimited               429 rate_limited
+    ├── ServiceUnavailable        503 unavailable (ledger, limiter in `closed` mode, ...)
+    └── UpstreamError             502 upstream_error
+        ├── UpstreamTimeout       504 upstream_timeout
+        ├── UpstreamRateLimited   429 upstream_rate_limited
+        └── UpstreamRejected      422 upstream_rejected
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://convai-gateway.dev/problems/"
+
+logger = logging.getLogger("service.errors")
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with a problem response."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
+class AuthenticationFailed(GatewayError):
+    """The bearer token is missing or fails verification; `reason` is a short class, never the token."""
+
+    status = 401
+    code = "invalid_token"
+    title = "Unauthorized"
+
+    def __init__(self, reason: str, *, missing: bool = False) -> None:
+        # RFC 6750: no error attribute when the request simply had no credentials.
+        challenge = 'Bearer realm="convai-gateway"'
+        if not missing:
+            challenge += f', error="invalid_token", error_description="{reason}"'
+        super().__init__(reason, headers={"WWW-Authenticate": challenge}, extra={"reason": reason})
+        self.reason = reason
+
+
+class PermissionDenied(GatewayError):
+    """The caller is authenticated but may not do this."""
+
+    status = 403
+    code = "forbidden"
+    title = "Forbidden"
+
+
+class MissingScope(PermissionDenied):
+    """The token lacks the scope a route requires."""
+
+    code = "insufficient_scope"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(
+            f"this route requires scope {scope}",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+            extra={"required_scope": scope},
+        )
+
+
+class AgentNotAllowed(PermissionDenied):
+    """The agent is outside the workspace allowlist or the token's `agents` claim."""
+
+    code = "agent_not_allowed"
+
+
+class ActAsNotAllowed(PermissionDenied):
+    """`X-On-Behalf-Of` was sent by a token without `convai:act-as`."""
+
+    code = "act_as_not_allowed"
+
+
+class NotFound(GatewayError):
+    """The resource does not exist or is not the caller's (the two are indistinguishable)."""
+
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class InvalidRequest(GatewayError):
+    """A parameter or body failed validation."""
+
+    status = 422
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class PayloadTooLarge(GatewayError):
+    """The request body is over the limit."""
+
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The request body has the wrong content type."""
+
+    status = 415
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class RateLimited(GatewayError):
+    """A rate-limit policy rejected the request."""
+
+    status = 429
+    code = "rate_limited"
+    title = "Too many requests"
+
+    def __init__(self, retry_after: int, detail: str | None = None, *, policy: str | None = None) -> None:
+        retry_after = max(1, retry_after)
+        super().__init__(
+            detail or f"rate limit exceeded; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+            extra={"policy": policy} if policy else None,
+        )
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(GatewayError):
+    """A dependency the request needs (ledger, rate limiter) is unavailable."""
+
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+class UpstreamError(GatewayError):
+    """The upstream API is unreachable, failed, or answered something unusable."""
+
+    status = 502
+    code = "upstream_error"
+    title = "Bad gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream API did not answer in time."""
+
+    status = 504
+    code = "upstream_timeout"
+    title = "Gateway timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The upstream API rate-limited the workspace."""
+
+    status = 429
+    code = "upstream_rate_limited"
+    title = "Too many requests"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream API rejected the request's parameters."""
+
+    status = 422
+    code = "upstream_rejected"
+    title = "Invalid request"
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    """Build an RFC 9457 problem response."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if extra:
+        body.update(extra)
+    return Response(
+        json.dumps(body, separators=(",", ":")),
+        status_code=status,
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=dict(headers or {}),
+    )
+
+
+def error_response(exc: GatewayError) -> Response:
+    """Turn a GatewayError into its problem response."""
+    return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers, extra=exc.extra)
+
+
+_HTTP_CODES = {
+    400: ("bad_request", "Bad request"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+async def _gateway_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)  # noqa: S101 - registered for GatewayError only
+    return error_response(exc)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 - registered for HTTPException only
+    code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+    detail = exc.detail if exc.status_code != 404 else "no such route"
+    return problem_response(exc.status_code, code, title, str(detail), headers=exc.headers)
+
+
+async def _unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    # The exception text may quote inputs; log the type and traceback, answer without details.
+    logger.error("unhandled error", exc_info=exc)
+    return problem_response(
+        500, "internal_error", "Internal error", "the gateway failed to handle this request"
+    )
+
+
+EXCEPTION_HANDLERS = {
+    GatewayError: _gateway_error_handler,
+    HTTPException: _http_exception_handler,
+    Exception: _unhandled_error_handler,
+}

@@ -1,0 +1,547 @@
+"""Configuration: read the environment (and optional TOML file) once into a frozen, validated object.
+
+Every problem is collected, not just the first, so `convai-gateway check-config` can list them all.
+This module imports nothing of the service.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+OwnershipMode = Literal["ledger_or_user_id", "ledger", "user_id"]
+RedisErrorMode = Literal["local", "open", "closed"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+OWNERSHIP_MODES: tuple[OwnershipMode, ...] = ("ledger_or_user_id", "ledger", "user_id")
+REDIS_ERROR_MODES: tuple[RedisErrorMode, ...] = ("local", "open", "closed")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+MIN_HS256_SECRET_BYTES = 32
+DEFAULT_SCOPES = "convai:session convai:history"
+NEVER_DEFAULT_SCOPES = frozenset({"convai:delete", "convai:act-as"})
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs; call `reveal()` at the point of use."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """One GCRA policy: `limit` requests per `period_seconds`, up to `burst` at once."""
+
+    name: str
+    limit: int
+    period_seconds: float
+    burst: int
+    shadow: bool = False
+
+
+# DESIGN section 5 (contract names). `burst` defaults to `limit`, i.e. a plain sliding budget.
+DEFAULT_RATE_LIMITS: Mapping[str, RateLimitPolicy] = {
+    p.name: p
+    for p in (
+        RateLimitPolicy("user-session", 10, 60, 5),
+        RateLimitPolicy("user-history", 120, 60, 120),
+        RateLimitPolicy("user-feedback", 30, 60, 30),
+        RateLimitPolicy("user-delete", 10, 60, 10),
+        RateLimitPolicy("agent-session", 600, 60, 600),
+        RateLimitPolicy("ip-auth-failure", 60, 60, 60),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """Keys and claim rules for one token issuer."""
+
+    issuer: str | None
+    audiences: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ()
+    hs256_secret: Secret | None = None
+    jwks_url: str | None = None
+    public_key_pem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTopology:
+    """How to reach Redis: a URL, a Sentinel group, or a Cluster seed URL."""
+
+    url: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service: str | None = None
+    cluster: bool = False
+
+    @property
+    def configured(self) -> bool:
+        """Tell whether any Redis is configured."""
+        return bool(self.url or self.sentinels)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway reads from its environment, validated."""
+
+    elevenlabs_api_key: Secret
+    elevenlabs_base_url: str = "https://api.elevenlabs.io"
+    redis: RedisTopology = field(default_factory=RedisTopology)
+    redis_timeout_seconds: float = 0.1
+    issuers: tuple[IssuerConfig, ...] = ()
+    jwt_leeway_seconds: int = 30
+    jwt_user_claim: str = "sub"
+    jwt_default_scopes: frozenset[str] = frozenset(DEFAULT_SCOPES.split())
+    jwt_max_lifetime_seconds: int | None = None
+    jwks_unknown_kid_cooldown_seconds: float = 30.0
+    allowed_agent_ids: frozenset[str] = frozenset()
+    ownership_mode: OwnershipMode = "ledger_or_user_id"
+    ledger_ttl_days: int = 90
+    rate_limit_on_redis_error: RedisErrorMode = "local"
+    rate_limits: Mapping[str, RateLimitPolicy] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    cors_allowed_origins: tuple[str, ...] = ()
+    redact_fields: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    upstream_connect_timeout: float = 3.0
+    upstream_read_timeout: float = 10.0
+    upstream_audio_read_timeout: float = 60.0
+    upstream_max_retries: int = 2
+    gateway_config: str | None = None
+
+    @property
+    def redis_url(self) -> str | None:
+        """Return the plain Redis URL, if one is configured."""
+        return self.redis.url
+
+
+class ConfigError(Exception):
+    """The environment is invalid; `problems` lists each bad variable with its reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+class _Reader:
+    """Collects typed values and problems from an environment mapping."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            self.problems.append(f"{name}: expected an integer, got {value!r}")
+            return default
+        if not low <= number <= high:
+            self.problems.append(f"{name}: must be between {low} and {high}, got {number}")
+            return default
+        return number
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            self.problems.append(f"{name}: expected a number, got {value!r}")
+            return default
+        if not low <= number <= high:
+            self.problems.append(f"{name}: must be between {low} and {high}, got {number}")
+            return default
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if value not in choices:
+            self.problems.append(f"{name}: must be one of {', '.join(choices)}; got {value!r}")
+            return default
+        return value
+
+    def csv(self, name: str) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return ()
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def file_text(self, name: str) -> str | None:
+        path = self.raw(name)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.problems.append(f"{name}: cannot read {path!r}: {exc.strerror}")
+            return None
+
+
+def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+        reader.problems.append(f"{name}: must be a URL with scheme {'/'.join(schemes)}; got {url!r}")
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hs256_secret(reader: _Reader, name: str, value: str | None) -> Secret | None:
+    if value is None:
+        return None
+    if len(value.encode()) < MIN_HS256_SECRET_BYTES:
+        reader.problems.append(
+            f"{name}: an HS256 secret must be at least {MIN_HS256_SECRET_BYTES} bytes "
+            f"(got {len(value.encode())}); generate one with `openssl rand -hex 32`"
+        )
+        return None
+    return Secret(value)
+
+
+def _jwks_url(reader: _Reader, name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    _check_url(reader, name, value, ("https", "http"))
+    if urlsplit(value).scheme == "http" and not _is_loopback_url(value):
+        reader.problems.append(f"{name}: must use https (plain http is allowed only on loopback)")
+    return value
+
+
+def _public_key(reader: _Reader, name: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        reader.problems.append(f"{name}: cannot read {path!r}: {exc.strerror}")
+        return None
+    if "-----BEGIN PUBLIC KEY-----" not in text:
+        reader.problems.append(f"{name}: {path!r} is not a PEM public key (BEGIN PUBLIC KEY)")
+        return None
+    return text
+
+
+def _algorithms(reader: _Reader, name: str, value: Any, *, has_hs: bool, has_asym: bool) -> tuple[str, ...]:
+    if value is None:
+        algs: list[str] = []
+        if has_hs:
+            algs.append("HS256")
+        if has_asym:
+            algs.extend(("RS256", "ES256", "EdDSA"))
+        return tuple(algs)
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        reader.problems.append(f"{name}: must be a list of algorithm names")
+        return ()
+    allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_asym else ())
+    bad = [a for a in value if a not in allowed]
+    if bad:
+        reader.problems.append(
+            f"{name}: {', '.join(bad)} not allowed for the keys configured (allowed: {', '.join(allowed)})"
+        )
+    return tuple(a for a in value if a in allowed)
+
+
+def _audiences(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(a.strip() for a in value.split(",") if a.strip())
+    return tuple(str(a) for a in value)
+
+
+def _env_issuer(reader: _Reader) -> IssuerConfig | None:
+    secret = _hs256_secret(reader, "JWT_HS256_SECRET", reader.raw("JWT_HS256_SECRET"))
+    jwks = _jwks_url(reader, "JWT_JWKS_URL", reader.raw("JWT_JWKS_URL"))
+    pem = _public_key(reader, "JWT_PUBLIC_KEY_FILE", reader.raw("JWT_PUBLIC_KEY_FILE"))
+    if secret is None and jwks is None and pem is None:
+        return None
+    return IssuerConfig(
+        issuer=reader.raw("JWT_ISSUER"),
+        audiences=_audiences(reader.raw("JWT_AUDIENCE")),
+        algorithms=_algorithms(
+            reader, "JWT_ALGORITHMS", None, has_hs=secret is not None, has_asym=bool(jwks or pem)
+        ),
+        hs256_secret=secret,
+        jwks_url=jwks,
+        public_key_pem=pem,
+    )
+
+
+def _toml_issuers(reader: _Reader, data: Any) -> list[IssuerConfig]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        reader.problems.append("GATEWAY_CONFIG: [[issuers]] must be an array of tables")
+        return []
+    issuers = []
+    for index, entry in enumerate(data):
+        where = f"GATEWAY_CONFIG: issuers[{index}]"
+        if not isinstance(entry, dict):
+            reader.problems.append(f"{where}: must be a table")
+            continue
+        unknown = set(entry) - {
+            "issuer", "audiences", "algorithms", "hs256_secret_env", "jwks_url", "public_key_file",
+        }  # fmt: skip
+        if unknown:
+            reader.problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+        secret_env = entry.get("hs256_secret_env")
+        secret = None
+        if secret_env is not None:
+            value = reader.raw(str(secret_env))
+            if value is None:
+                reader.problems.append(f"{where}.hs256_secret_env: variable {secret_env} is not set")
+            secret = _hs256_secret(reader, str(secret_env), value)
+        jwks = _jwks_url(reader, f"{where}.jwks_url", entry.get("jwks_url"))
+        pem = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
+        if secret is None and jwks is None and pem is None:
+            reader.problems.append(f"{where}: needs hs256_secret_env, jwks_url or public_key_file")
+            continue
+        issuers.append(
+            IssuerConfig(
+                issuer=entry.get("issuer"),
+                audiences=_audiences(entry.get("audiences")),
+                algorithms=_algorithms(
+                    reader,
+                    f"{where}.algorithms",
+                    entry.get("algorithms"),
+                    has_hs=secret is not None,
+                    has_asym=bool(jwks or pem),
+                ),
+                hs256_secret=secret,
+                jwks_url=jwks,
+                public_key_pem=pem,
+            )
+        )
+    return issuers
+
+
+def _rate_limits(reader: _Reader, data: Any) -> dict[str, RateLimitPolicy]:
+    policies = dict(DEFAULT_RATE_LIMITS)
+    if data is None:
+        return policies
+    if not isinstance(data, dict):
+        reader.problems.append("GATEWAY_CONFIG: [rate_limits] must be a table")
+        return policies
+    for name, entry in data.items():
+        where = f"GATEWAY_CONFIG: rate_limits.{name}"
+        if name not in DEFAULT_RATE_LIMITS:
+            reader.problems.append(f"{where}: unknown policy (known: {', '.join(DEFAULT_RATE_LIMITS)})")
+            continue
+        if not isinstance(entry, dict):
+            reader.problems.append(f"{where}: must be a table")
+            continue
+        unknown = set(entry) - {"limit", "period_seconds", "burst", "shadow"}
+        if unknown:
+            reader.problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+        base = DEFAULT_RATE_LIMITS[name]
+        limit = entry.get("limit", base.limit)
+        period = entry.get("period_seconds", base.period_seconds)
+        burst = entry.get("burst", limit if "limit" in entry else base.burst)
+        shadow = entry.get("shadow", base.shadow)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            reader.problems.append(f"{where}.limit: must be a positive integer")
+            continue
+        if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
+            reader.problems.append(f"{where}.period_seconds: must be a positive number")
+            continue
+        if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+            reader.problems.append(f"{where}.burst: must be a positive integer")
+            continue
+        if not isinstance(shadow, bool):
+            reader.problems.append(f"{where}.shadow: must be true or false")
+            continue
+        policies[name] = RateLimitPolicy(name, limit, float(period), burst, shadow)
+    return policies
+
+
+def _redis(reader: _Reader, data: Any) -> RedisTopology:
+    url = reader.raw("REDIS_URL")
+    if url is not None:
+        _check_url(reader, "REDIS_URL", url, ("redis", "rediss", "unix"))
+    if data is None:
+        return RedisTopology(url=url)
+    if not isinstance(data, dict):
+        reader.problems.append("GATEWAY_CONFIG: [redis] must be a table")
+        return RedisTopology(url=url)
+    sentinels: list[tuple[str, int]] = []
+    for item in data.get("sentinels", []):
+        host, _, port = str(item).rpartition(":")
+        if not host or not port.isdigit():
+            reader.problems.append(f"GATEWAY_CONFIG: redis.sentinels: {item!r} is not host:port")
+            continue
+        sentinels.append((host, int(port)))
+    service = data.get("sentinel_service")
+    if sentinels and not service:
+        reader.problems.append("GATEWAY_CONFIG: redis.sentinel_service is required with redis.sentinels")
+    cluster = bool(data.get("cluster", False))
+    if cluster and url is None:
+        reader.problems.append("GATEWAY_CONFIG: redis.cluster needs REDIS_URL (a seed node)")
+    return RedisTopology(url=url, sentinels=tuple(sentinels), sentinel_service=service, cluster=cluster)
+
+
+def _trusted_proxies(reader: _Reader) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item in reader.csv("TRUSTED_PROXIES"):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            reader.problems.append(f"TRUSTED_PROXIES: {item!r} is not an IP address or CIDR")
+    return tuple(networks)
+
+
+def _cors_origins(reader: _Reader) -> tuple[str, ...]:
+    origins = reader.csv("CORS_ALLOWED_ORIGINS")
+    for origin in origins:
+        if origin == "*":
+            reader.problems.append("CORS_ALLOWED_ORIGINS: '*' is not allowed; list the exact origins")
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            reader.problems.append(
+                f"CORS_ALLOWED_ORIGINS: {origin!r} is not an origin like https://app.example"
+            )
+    return tuple(o.rstrip("/") for o in origins if o != "*")
+
+
+def _load_toml(reader: _Reader) -> dict[str, Any]:
+    path = reader.raw("GATEWAY_CONFIG")
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        reader.problems.append(f"GATEWAY_CONFIG: cannot read {path!r}: {exc.strerror}")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        reader.problems.append(f"GATEWAY_CONFIG: {path!r} is not valid TOML: {exc}")
+        return {}
+    unknown = set(data) - {"issuers", "rate_limits", "redis"}
+    if unknown:
+        reader.problems.append(f"GATEWAY_CONFIG: unknown sections {', '.join(sorted(unknown))}")
+    return data
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from `env` (default: the process environment), or raise ConfigError."""
+    reader = _Reader(os.environ if env is None else env)
+    toml = _load_toml(reader)
+
+    key = reader.raw("ELEVENLABS_API_KEY")
+    key_file = reader.file_text("ELEVENLABS_API_KEY_FILE")
+    if key is not None and key_file is not None:
+        reader.problems.append("ELEVENLABS_API_KEY and ELEVENLABS_API_KEY_FILE are both set; set only one")
+    api_key = key or key_file
+    if not api_key:
+        reader.problems.append("ELEVENLABS_API_KEY: required (or ELEVENLABS_API_KEY_FILE)")
+
+    base_url = reader.raw("ELEVENLABS_BASE_URL") or "https://api.elevenlabs.io"
+    _check_url(reader, "ELEVENLABS_BASE_URL", base_url, ("https", "http"))
+
+    issuers = [i for i in (_env_issuer(reader),) if i is not None]
+    issuers.extend(_toml_issuers(reader, toml.get("issuers")))
+    if not issuers:
+        reader.problems.append(
+            "JWT_HS256_SECRET: no token keys configured; set JWT_HS256_SECRET, JWT_JWKS_URL, "
+            "JWT_PUBLIC_KEY_FILE or [[issuers]] in GATEWAY_CONFIG"
+        )
+
+    scopes = frozenset((reader.raw("JWT_DEFAULT_SCOPES") or DEFAULT_SCOPES).split())
+    if scopes & NEVER_DEFAULT_SCOPES:
+        reader.problems.append(
+            f"JWT_DEFAULT_SCOPES: {', '.join(sorted(scopes & NEVER_DEFAULT_SCOPES))} can never be a default"
+        )
+        scopes -= NEVER_DEFAULT_SCOPES
+
+    agents = frozenset(reader.csv("ALLOWED_AGENT_IDS"))
+    if not agents:
+        reader.problems.append("ALLOWED_AGENT_IDS: required; list the agent ids users may talk to")
+
+    max_lifetime = reader.integer("JWT_MAX_LIFETIME_SECONDS", 0, low=0, high=365 * 86400)
+    metrics_port = reader.integer("METRICS_PORT", 0, low=0, high=65535)
+
+    settings = Settings(
+        elevenlabs_api_key=Secret(api_key or ""),
+        elevenlabs_base_url=base_url.rstrip("/"),
+        redis=_redis(reader, toml.get("redis")),
+        redis_timeout_seconds=reader.integer("REDIS_TIMEOUT_MS", 100, low=1, high=60_000) / 1000,
+        issuers=tuple(issuers),
+        jwt_leeway_seconds=reader.integer("JWT_LEEWAY_SECONDS", 30, low=0, high=600),
+        jwt_user_claim=reader.raw("JWT_USER_CLAIM") or "sub",
+        jwt_default_scopes=scopes,
+        jwt_max_lifetime_seconds=max_lifetime or None,
+        jwks_unknown_kid_cooldown_seconds=reader.number(
+            "JWKS_UNKNOWN_KID_COOLDOWN_SECONDS", 30.0, low=0.0, high=3600.0
+        ),
+        allowed_agent_ids=agents,
+        ownership_mode=reader.choice("OWNERSHIP_MODE", "ledger_or_user_id", OWNERSHIP_MODES),  # type: ignore[arg-type]
+        ledger_ttl_days=reader.integer("LEDGER_TTL_DAYS", 90, low=1, high=3650),
+        rate_limit_on_redis_error=reader.choice(  # type: ignore[arg-type]
+            "RATE_LIMIT_ON_REDIS_ERROR", "local", REDIS_ERROR_MODES
+        ),
+        rate_limits=_rate_limits(reader, toml.get("rate_limits")),
+        trusted_proxies=_trusted_proxies(reader),
+        cors_allowed_origins=_cors_origins(reader),
+        redact_fields=reader.csv("REDACT_FIELDS"),
+        host=reader.raw("HOST") or "127.0.0.1",
+        port=reader.integer("PORT", 8080, low=1, high=65535),
+        metrics_port=metrics_port or None,
+        log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+        upstream_connect_timeout=reader.number("UPSTREAM_CONNECT_TIMEOUT_SECONDS", 3.0, low=0.05, high=60),
+        upstream_read_timeout=reader.number("UPSTREAM_READ_TIMEOUT_SECONDS", 10.0, low=0.05, high=300),
+        upstream_audio_read_timeout=reader.number(
+            "UPSTREAM_AUDIO_READ_TIMEOUT_SECONDS", 60.0, low=0.05, high=3600
+        ),
+        upstream_max_retries=reader.integer("UPSTREAM_MAX_RETRIES", 2, low=0, high=5),
+        gateway_config=reader.raw("GATEWAY_CONFIG"),
+    )
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return settings
