@@ -112,7 +112,7 @@ class RedisServer:
 class ServedApp:
     """An ASGI app served by uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, app: Any, *, lifespan: str = "on", ws: str = "websockets") -> None:
+    def __init__(self, app: Any, *, lifespan: str = "on", ws: str = "websockets-sansio") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -132,6 +132,7 @@ class ServedApp:
         deadline = time.monotonic() + 10
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)  # waiting for another thread's start-up flag
         return self
