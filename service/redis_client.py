@@ -1,0 +1,73 @@
+"""Build the process's one Redis client from `RedisTopology`: a URL, a Sentinel group, or a Cluster.
+
+Every client gets short socket and connect timeouts and no retries: redis-py's default retries a
+timed-out command three times with back-off, which would turn a 100 ms budget into seconds. The rate
+limiter's circuit breaker decides what happens when Redis is slow or gone; the ledger fails closed.
+Clients connect lazily, so building one does not need a running event loop or a reachable server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from service.settings import RedisTopology
+
+# Attribute on a Sentinel-backed client holding its Sentinel, so `close_redis` can close both.
+_SENTINEL_ATTR = "_convai_sentinel"
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def _timeouts(timeout: float) -> dict[str, Any]:
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _no_retry()}
+
+
+def create_redis(topology: RedisTopology, *, timeout: float) -> Any:
+    """Return a redis.asyncio client (Redis, Sentinel master, or RedisCluster) for `topology`."""
+    if topology.sentinels:
+        return _sentinel_master(topology, timeout)
+    if topology.url is None:
+        raise ValueError("no Redis configured: set REDIS_URL or redis.sentinels")
+    if topology.cluster:
+        # Cluster-level retries (MOVED/ASK redirections are followed regardless) stay off too.
+        return RedisCluster.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+    return Redis.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+
+
+def _sentinel_master(topology: RedisTopology, timeout: float) -> Any:
+    # Credentials and the database of the master come from REDIS_URL when one is given alongside.
+    master_kwargs: dict[str, Any] = {"decode_responses": True, **_timeouts(timeout)}
+    if topology.url:
+        parts = urlsplit(topology.url)
+        if parts.username:
+            master_kwargs["username"] = unquote(parts.username)
+        if parts.password:
+            master_kwargs["password"] = unquote(parts.password)
+        database = parts.path.lstrip("/")
+        if database.isdigit():
+            master_kwargs["db"] = int(database)
+        if parts.scheme == "rediss":
+            master_kwargs["ssl"] = True
+    sentinel = Sentinel(list(topology.sentinels), sentinel_kwargs=_timeouts(timeout))  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(topology.sentinel_service or "mymaster", **master_kwargs)
+    setattr(client, _SENTINEL_ATTR, sentinel)
+    return client
+
+
+async def close_redis(client: Any) -> None:
+    """Close a client built by `create_redis`, its connection pool and any Sentinel connections."""
+    try:
+        await client.aclose()
+    finally:
+        sentinel = getattr(client, _SENTINEL_ATTR, None)
+        if sentinel is not None:
+            await sentinel.aclose()

@@ -1,0 +1,149 @@
+"""The limiter on a real 3-master Redis Cluster (loopback), built through `create_redis`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis as sync_redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from service.ratelimit import Hit, RedisRateLimiter, state_key
+from service.redis_client import close_redis, create_redis
+from service.settings import RedisTopology
+from tests.ratelimit.conftest import ManualClock, policy
+from tests.support.servers import RedisServer, free_port
+
+
+@pytest.fixture(scope="module")
+def cluster_nodes() -> Iterator[list[RedisServer]]:
+    """Start three cluster-enabled redis-servers and join them into one cluster (no replicas)."""
+    # An explicit bus port: the default (port + 10000) fails for ephemeral ports above 55535.
+    nodes = [
+        RedisServer(
+            extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(free_port()),
+            )
+        )
+        for _ in range(3)
+    ]  # fmt: skip
+    try:
+        for node in nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        assert cli is not None
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        for node in nodes:
+            with contextlib.closing(node.client()) as client:
+                # Condition wait: every node must see all slots assigned before clients connect.
+                while client.cluster("info")["cluster_state"] != "ok":
+                    assert time.monotonic() < deadline, "cluster did not converge"
+                    time.sleep(0.05)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.fixture
+async def cluster(cluster_nodes: list[RedisServer]) -> AsyncIterator[RedisCluster]:
+    """Yield a cluster client (via create_redis) on an emptied cluster."""
+    for node in cluster_nodes:
+        with contextlib.closing(node.client()) as client:
+            client.flushall()
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=0.5)
+    assert isinstance(redis, RedisCluster)
+    try:
+        yield redis
+    finally:
+        await close_redis(redis)
+
+
+USER = policy("user-session", limit=10, period=60, burst=2)  # T = 6 s, exact in binary
+AGENT = policy("agent-session", limit=10, period=60, burst=3)
+
+
+def node_of(nodes: list[RedisServer], key: str) -> sync_redis.Redis:
+    """Return a plain client on the node that owns `key`."""
+    for node in nodes:
+        client = node.client()
+        if client.cluster("countkeysinslot", key_slot(key.encode())) or client.exists(key):
+            return client
+        client.close()
+    raise AssertionError(f"no node holds {key}")
+
+
+async def test_user_and_agent_keys_sit_in_different_slots(cluster: RedisCluster) -> None:
+    user_key, agent_key = state_key(Hit(USER, "user:alice")), state_key(Hit(AGENT, "agent:agent_x"))
+    assert key_slot(user_key.encode()) != key_slot(agent_key.encode())
+    # All keys of one subject share a slot, whatever the policy.
+    assert key_slot(user_key.encode()) == key_slot(
+        state_key(Hit(policy("user-history"), "user:alice")).encode()
+    )
+
+
+async def test_burst_and_refill_on_cluster(cluster: RedisCluster) -> None:
+    clock = ManualClock()
+    limiter = RedisRateLimiter(cluster, clock=clock)
+    hits = [Hit(USER, "user:alice"), Hit(AGENT, "agent:agent_x")]
+    assert [(await limiter.acquire(hits)).allowed for _ in range(3)] == [True, True, False]
+    clock.advance(6)
+    assert [(await limiter.acquire(hits)).allowed for _ in range(2)] == [True, False]
+
+
+async def test_rejection_in_one_slot_refunds_the_other(
+    cluster: RedisCluster, cluster_nodes: list[RedisServer]
+) -> None:
+    clock = ManualClock()
+    limiter = RedisRateLimiter(cluster, clock=clock)
+    user, agent = Hit(USER, "user:bob"), Hit(AGENT, "agent:agent_y")
+    for _ in range(2):
+        assert (await limiter.acquire([user, agent])).allowed
+    agent_node = node_of(cluster_nodes, state_key(agent))
+    try:
+        before = agent_node.get(state_key(agent))
+        decision = await limiter.acquire([user, agent])  # the user policy rejects; the agent slot allowed
+        assert not decision.allowed and [r.allowed for r in decision.results] == [False, True]
+        assert agent_node.get(state_key(agent)) == before  # its reservation was returned
+    finally:
+        agent_node.close()
+    # The agent's third unit is still there for another user.
+    assert (await limiter.acquire([Hit(USER, "user:carol"), agent])).allowed
+    assert not (await limiter.acquire([Hit(USER, "user:dave"), agent])).allowed
+
+
+async def test_concurrent_cross_slot_requests_admit_exactly_the_agent_budget(cluster: RedisCluster) -> None:
+    limiter = RedisRateLimiter(cluster)
+    generous = policy("user-session", limit=100, period=3600, burst=100)
+    agent = Hit(policy("agent-session", limit=17, period=3600, burst=17), "agent:hot")
+    decisions = await asyncio.gather(
+        *(limiter.acquire([Hit(generous, f"user:{i}"), agent]) for i in range(60))
+    )
+    assert sum(d.allowed for d in decisions) == 17
+
+
+async def test_script_reloads_on_every_node(cluster: RedisCluster, cluster_nodes: list[RedisServer]) -> None:
+    limiter = RedisRateLimiter(cluster)
+    hits = [Hit(USER, "user:flush"), Hit(AGENT, "agent:flush")]
+    assert (await limiter.acquire(hits)).allowed
+    for node in cluster_nodes:
+        with contextlib.closing(node.client()) as client:
+            client.script_flush()
+    assert (await limiter.acquire(hits)).allowed
+    assert not (await limiter.acquire(hits)).allowed

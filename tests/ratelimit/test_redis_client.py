@@ -1,0 +1,100 @@
+"""`create_redis` against real servers: redis:// and unix:// URLs, and a real Sentinel."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+
+from service.ratelimit import Hit, RedisRateLimiter
+from service.redis_client import close_redis, create_redis
+from service.settings import RedisTopology
+from tests.ratelimit.conftest import policy
+from tests.support.servers import RedisServer, free_port
+
+
+async def test_url_client_has_short_timeouts_and_no_retries(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=0.25)
+    try:
+        assert isinstance(client, Redis)
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
+        assert kwargs["retry"].get_retries() == 0
+        assert await client.ping()
+        decision = await RedisRateLimiter(client).acquire([Hit(policy(), "user:url")])
+        assert decision.allowed
+    finally:
+        await close_redis(client)
+
+
+async def test_unix_socket_url() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="convai-unix-"))
+    path = directory / "redis.sock"
+    server = RedisServer(extra_args=("--unixsocket", str(path), "--unixsocketperm", "700"))
+    server.start()
+    try:
+        client = create_redis(RedisTopology(url=f"unix://{path}"), timeout=0.5)
+        try:
+            assert await client.ping()
+            assert (await RedisRateLimiter(client).acquire([Hit(policy(), "user:unix")])).allowed
+            assert await client.exists("rl:{user:unix}:user-session") == 1
+        finally:
+            await close_redis(client)
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sentinel(redis_server: RedisServer, redis_url: str) -> Iterator[tuple[str, int]]:
+    """Run a real redis-sentinel monitoring the private Redis as `gwmaster`; yield its address."""
+    directory = Path(tempfile.mkdtemp(prefix="convai-sentinel-"))
+    port = free_port()
+    config = directory / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor gwmaster 127.0.0.1 {redis_server.port} 1\n",
+        encoding="utf-8",
+    )
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    process = subprocess.Popen(
+        [binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        probe = RedisServer(port=port)  # reuse its PING wait; it never starts a process here
+        probe.wait_ready()
+        shutil.rmtree(probe.workdir, ignore_errors=True)
+        yield ("127.0.0.1", port)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_sentinel_topology_resolves_the_master(
+    sentinel: tuple[str, int], redis_server: RedisServer
+) -> None:
+    topology = RedisTopology(url="redis://127.0.0.1/0", sentinels=(sentinel,), sentinel_service="gwmaster")
+    client = create_redis(topology, timeout=0.5)
+    try:
+        attached = getattr(client, "_convai_sentinel", None)
+        assert isinstance(attached, Sentinel)
+        assert attached.sentinels[0].connection_pool.connection_kwargs["retry"].get_retries() == 0
+        assert await client.ping()
+        assert (await RedisRateLimiter(client).acquire([Hit(policy(), "user:sentinel")])).allowed
+        with redis_server.client() as admin:
+            assert admin.exists("rl:{user:sentinel}:user-session") == 1  # written on the monitored master
+    finally:
+        await close_redis(client)
+
+
+def test_create_redis_needs_a_url() -> None:
+    with pytest.raises(ValueError, match="no Redis configured"):
+        create_redis(RedisTopology(), timeout=0.1)
