@@ -1,0 +1,133 @@
+"""HTTP hygiene: security headers, CORS for an explicit origin list, and a request body size limit."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, error_response
+
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
+HSTS_MAX_AGE_SECONDS: Final = 63_072_000  # two years, the preload-list minimum is one
+
+_API_SECURITY_HEADERS: Final = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    # An API answers JSON and audio, never documents: nothing may load or frame anything.
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("Cross-Origin-Resource-Policy", "same-site"),
+    ("Cache-Control", "no-store"),
+)
+
+CORS_METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
+# X-On-Behalf-Of is deliberately absent: acting for a user is for server-side gateways, never browsers.
+CORS_REQUEST_HEADERS: Final = ("Authorization", "Content-Type", "X-Request-ID")
+CORS_EXPOSED_HEADERS: Final = ("RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-ID")
+CORS_MAX_AGE_SECONDS: Final = 600
+
+
+class SecurityHeadersMiddleware:
+    """Add defensive security headers to every HTTP response, keeping any value a route set itself."""
+
+    def __init__(self, app: ASGIApp, *, hsts_max_age: int = HSTS_MAX_AGE_SECONDS) -> None:
+        """Wrap `app`; HSTS (sent only over https) uses `hsts_max_age` seconds."""
+        self.app = app
+        self.hsts = f"max-age={hsts_max_age}; includeSubDomains"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        https = scope.get("scheme") == "https"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _API_SECURITY_HEADERS:
+                    headers.setdefault(name, value)
+                # HSTS over plain http is ignored by browsers and would mislead; send it only over TLS.
+                if https:
+                    headers.setdefault("Strict-Transport-Security", self.hsts)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def cors_middleware(origins: tuple[str, ...]) -> Middleware | None:
+    """Return a CORS middleware for exactly `origins`, or None when no origin is allowed."""
+    if not origins:
+        return None
+    if "*" in origins:
+        raise ValueError("CORS origins must be listed explicitly; '*' is not allowed")
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=list(origins),
+        # Callers authenticate with bearer tokens, never cookies: credentialed CORS is never needed.
+        allow_credentials=False,
+        allow_methods=list(CORS_METHODS),
+        allow_headers=list(CORS_REQUEST_HEADERS),
+        expose_headers=list(CORS_EXPOSED_HEADERS),
+        max_age=CORS_MAX_AGE_SECONDS,
+    )
+
+
+class _BodyTooLarge(PayloadTooLarge):
+    """Raised from the wrapped `receive` when the streamed body passes the limit."""
+
+
+class BodyLimitMiddleware:
+    """Reject request bodies over `max_bytes` with a 413 problem, by Content-Length and by counting chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        """Wrap `app` with a body limit of `max_bytes`."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> _BodyTooLarge:
+        return _BodyTooLarge(f"the request body is larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            # Answer before reading a byte of it.
+            await error_response(self._error())(scope, receive, send)
+            return
+
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge as exc:
+            # Usually the app's GatewayError handler has already answered; this covers apps without one.
+            if response_started:
+                raise
+            await error_response(exc)(scope, receive, send)

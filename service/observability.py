@@ -1,0 +1,496 @@
+"""Metrics, structured logs, audit events and the per-request context (request id, access log).
+
+Nothing here ever records a token, key, signed URL, query string or raw path: routes are labelled by their
+template, users by a short hash, and a redaction filter masks anything secret-looking that slips into a log line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ACCESS_LOGGER: Final = "convai_gateway.access"
+AUDIT_LOGGER: Final = "convai_gateway.audit"
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+CIRCUIT_STATES: Final = ("closed", "open", "half_open")
+# Methods outside this set share one label value: the method is client-controlled and would otherwise
+# let any caller create unbounded label series.
+_KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_UPSTREAM_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+# The current request's id, so that any log line written while handling it can name it.
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("convai_request_id", default=None)
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in their own registry (multi-worker safe via PROMETHEUS_MULTIPROC_DIR)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Create every metric in `registry` (a new one by default)."""
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        _sync_value_class(self.multiprocess_dir is not None)
+        if self.multiprocess_dir is None:
+            # In multiprocess mode these would report only the scraping worker, so they are left out there.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        reg = self.registry
+        self.http_requests = Counter(
+            "convai_gateway_http_requests",
+            "HTTP requests handled, by method, route template and status.",
+            ("method", "route", "status"),
+            registry=reg,
+        )
+        self.http_duration = Histogram(
+            "convai_gateway_http_request_duration_seconds",
+            "Time from request start to the end of the response body, by method and route template.",
+            ("method", "route"),
+            buckets=_REQUEST_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_requests = Counter(
+            "convai_gateway_upstream_requests",
+            "Calls to the upstream API, by endpoint and outcome.",
+            ("endpoint", "outcome"),
+            registry=reg,
+        )
+        self.upstream_duration = Histogram(
+            "convai_gateway_upstream_request_duration_seconds",
+            "Upstream call latency, by endpoint.",
+            ("endpoint",),
+            buckets=_UPSTREAM_BUCKETS,
+            registry=reg,
+        )
+        self.rate_limit_decisions = Counter(
+            "convai_gateway_rate_limit_decisions",
+            "Rate-limit decisions, by policy and outcome (allowed, limited, shadow_limited, near_limit).",
+            ("policy", "outcome"),
+            registry=reg,
+        )
+        self.redis_errors = Counter(
+            "convai_gateway_redis_errors", "Redis errors and timeouts seen by the gateway.", registry=reg
+        )
+        # livemax: across live workers, 1 for a state means at least one worker's breaker is in it.
+        self.circuit = Gauge(
+            "convai_gateway_upstream_circuit_state",
+            "Upstream circuit breaker state (1 for the current state, 0 for the others).",
+            ("state",),
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.jwks_refreshes = Counter(
+            "convai_gateway_jwks_refreshes",
+            "JWKS fetches, by outcome (ok, error).",
+            ("outcome",),
+            registry=reg,
+        )
+        self.ledger_writes = Counter(
+            "convai_gateway_ledger_writes",
+            "Ownership ledger writes, by outcome (ok, error).",
+            ("outcome",),
+            registry=reg,
+        )
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and record its duration under its route template."""
+        label = method.upper() if method.upper() in _KNOWN_METHODS else "OTHER"
+        self.http_requests.labels(label, route, str(status)).inc()
+        self.http_duration.labels(label, route).observe(max(0.0, seconds))
+
+    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """Count one upstream call and record its latency."""
+        self.upstream_requests.labels(endpoint, outcome).inc()
+        self.upstream_duration.labels(endpoint).observe(max(0.0, seconds))
+
+    def observe_rate_limit(self, policy: str, outcome: str) -> None:
+        """Count one rate-limit decision for a policy."""
+        self.rate_limit_decisions.labels(policy, outcome).inc()
+
+    def redis_error(self) -> None:
+        """Count one Redis error or timeout."""
+        self.redis_errors.inc()
+
+    def circuit_state(self, state: str) -> None:
+        """Set the upstream circuit breaker gauge to `state` (closed, open or half_open)."""
+        if state not in CIRCUIT_STATES:
+            raise ValueError(f"unknown circuit state {state!r}; expected one of {', '.join(CIRCUIT_STATES)}")
+        for name in CIRCUIT_STATES:
+            self.circuit.labels(name).set(1 if name == state else 0)
+
+    def jwks_refresh(self, outcome: str) -> None:
+        """Count one JWKS refresh (ok or error)."""
+        self.jwks_refreshes.labels(outcome).inc()
+
+    def ledger_write(self, outcome: str) -> None:
+        """Count one ledger write (ok or error)."""
+        self.ledger_writes.labels(outcome).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """Render all metrics in the Prometheus text format, aggregated across workers in multiprocess mode."""
+        if self.multiprocess_dir is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _sync_value_class(multiprocess_mode: bool) -> None:
+    # prometheus-client picks file-backed values once, when it is first imported; a process that set
+    # PROMETHEUS_MULTIPROC_DIR after that import (the CLI does, before uvicorn) would otherwise keep
+    # in-memory values that no scrape of the shared directory ever sees.
+    if multiprocess_mode != (values.ValueClass is not values.MutexValue):
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges in multiprocess mode (call from a process manager's child-exit hook)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    """A running metrics listener on its own port."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """Return the port the listener is bound to."""
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop the listener and wait for its thread."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics_port(host: str, port: int) -> MetricsServer:
+    """Serve every worker's metrics (aggregated from PROMETHEUS_MULTIPROC_DIR) on `host:port` from a thread."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        # The app's registry lives in the workers; only the shared directory can be read from here.
+        raise RuntimeError(f"a separate metrics port needs {MULTIPROC_ENV} to be set")
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
+def metrics_endpoint(metrics: Metrics) -> Callable[[Request], Awaitable[Response]]:
+    """Return a Starlette endpoint serving `metrics` in the Prometheus text format."""
+
+    async def endpoint(request: Request) -> Response:
+        # Aggregating many workers' files is disk I/O: keep it off the event loop.
+        if metrics.multiprocess_dir is not None:
+            body, content_type = await run_in_threadpool(metrics.render)
+        else:
+            body, content_type = metrics.render()
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    return endpoint
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+_MASK: Final = "[REDACTED]"
+_SECRET_PATTERNS: Final = (
+    # JWS (3 parts) and JWE (5 parts) compact serialisations.
+    (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), _MASK),
+    (
+        re.compile(r"""(?i)(xi[-_]api[-_]key["']?\s*[:=]\s*(?:b?["'])?)[^\s"',;&}\])]+"""),
+        r"\g<1>" + _MASK,
+    ),
+    (re.compile(r"(?i)(conversation_signature=)[^\s&\"'#]+"), r"\g<1>" + _MASK),
+    (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"), r"\g<1>" + _MASK),
+    # ElevenLabs API keys.
+    (re.compile(r"\bsk_[A-Fa-f0-9]{32,}\b"), _MASK),
+)
+
+
+def mask_secrets(text: str) -> str:
+    """Replace JWTs, xi-api-key values, bearer tokens and signed-URL signatures in `text`."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+_RESERVED_ATTRS: Final = frozenset(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in record.__dict__.items() if key not in _RESERVED_ATTRS}
+
+
+class SecretMaskFilter(logging.Filter):
+    """Mask secret-looking values in a record's message, arguments and string extras (defence in depth)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place with secrets masked; never drop it."""
+        try:
+            record.msg = mask_secrets(record.getMessage())
+            record.args = None
+        except (TypeError, ValueError):
+            # A broken format string: logging reports it with the raw parts, so mask those instead.
+            if isinstance(record.msg, str):
+                record.msg = mask_secrets(record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
+        for key, value in _extra_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, mask_secrets(value))
+        return True
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamp records logged while a request is being handled with its id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """Format records as one JSON object per line: ts, level, logger, msg and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as a single JSON line, secrets masked."""
+        payload: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in _extra_fields(record).items():
+            payload.setdefault(key, value)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            payload["stack"] = self.formatStack(record.stack_info)
+        # Exception text and extras are not covered by the filter's message pass: mask the whole line.
+        return mask_secrets(json.dumps(payload, default=str, separators=(",", ":"), ensure_ascii=False))
+
+
+class _StderrHandler(logging.Handler):
+    """Write to whatever sys.stderr is at emit time (so redirection after configuration still works)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            stream = sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_HANDLER_MARK: Final = "_convai_gateway_handler"
+
+
+def configure_logging(level: str) -> None:
+    """Send all logs to stderr as JSON lines with secrets masked; calling it again replaces the setup."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, _HANDLER_MARK, False):
+            root.removeHandler(existing)
+            existing.close()
+    handler = _StderrHandler()
+    setattr(handler, _HANDLER_MARK, True)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(SecretMaskFilter())
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # uvicorn's own access log prints raw paths with query strings; ours replaces it. Its other loggers
+    # go through the JSON handler instead of their own plain-text ones.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO; the gateway's own upstream metrics and logs cover that.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("httpcore").setLevel(max(numeric, logging.WARNING))
+    # Audit events are kept whatever LOG_LEVEL says.
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
+
+
+def _safe_extra(fields: Mapping[str, Any]) -> dict[str, Any]:
+    # LogRecord refuses extra keys that shadow its own attributes; keep them under a suffixed name.
+    return {(f"{key}_" if key in _RESERVED_ATTRS else key): value for key, value in fields.items()}
+
+
+def audit(event: str, **fields: Any) -> None:
+    """Write one audit event (session_minted, token_minted, conversation_deleted, feedback_sent, act_as)."""
+    logging.getLogger(AUDIT_LOGGER).info(event, extra=_safe_extra({"event": event, **fields}))
+
+
+def user_hash(user_id: str) -> str:
+    """Return a short stable hash of a user id for logs (16 hex characters of SHA-256)."""
+    return hashlib.sha256(b"convai-gateway/user\x00" + user_id.encode("utf-8")).hexdigest()[:16]
+
+
+def current_request_id() -> str | None:
+    """Return the id of the request being handled in this context, if any."""
+    return _request_id.get()
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) and path else "unmatched"
+
+
+def _client_ip(scope: Scope, state: Mapping[str, Any]) -> str | None:
+    # A proxy-aware client IP, when the rate limiter has resolved one, beats the socket peer.
+    resolved = state.get("client_ip")
+    if isinstance(resolved, str):
+        return resolved
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+class RequestContextMiddleware:
+    """Give every HTTP request an id, then record its metrics and write one access-log line."""
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, *, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        """Wrap `app`; `clock` measures durations (monotonic seconds)."""
+        self.app = app
+        self.metrics = metrics
+        self.clock = clock
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = self.clock()
+        offered = Headers(scope=scope).get("x-request-id")
+        request_id = (
+            offered if offered is not None and _REQUEST_ID_RE.fullmatch(offered) else uuid.uuid4().hex
+        )
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        token = _request_id.set(request_id)
+
+        status: int | None = None
+        ended: float | None = None
+        disconnected = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, ended, disconnected
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = self.clock()
+            try:
+                await send(message)
+            except OSError:
+                disconnected = True
+                raise
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            finished = ended if ended is not None else self.clock()
+            if status is None:
+                # No response started: either the app failed (the server answers 500) or the client left (499).
+                final_status = 499 if disconnected else 500
+            else:
+                final_status = status
+            self._record(scope, state, request_id, final_status, finished - started, disconnected)
+            _request_id.reset(token)
+
+    def _record(
+        self,
+        scope: Scope,
+        state: Mapping[str, Any],
+        request_id: str,
+        status: int,
+        seconds: float,
+        disconnected: bool,
+    ) -> None:
+        route = _route_template(scope)
+        method = str(scope.get("method", ""))
+        self.metrics.observe_request(method, route, status, seconds)
+        principal = state.get("principal")
+        user_id = getattr(principal, "user_id", None)
+        fields: dict[str, Any] = {
+            "method": method if method in _KNOWN_METHODS else "OTHER",
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "request_id": request_id,
+            "user": user_hash(user_id) if isinstance(user_id, str) else None,
+            "client_ip": _client_ip(scope, state),
+        }
+        if disconnected:
+            fields["client_disconnected"] = True
+        self.logger.info("request", extra=fields)

@@ -1,0 +1,209 @@
+"""Security headers, CORS for an explicit origin list, and the request body limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from service.http_hygiene import BodyLimitMiddleware, cors_middleware
+from service.observability import Metrics
+from tests.observability.support import Probe, build_app
+from tests.support.servers import serve
+
+ALLOWED = "https://app.example"
+OTHER = "https://evil.example"
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+    "cross-origin-resource-policy": "same-site",
+    "cache-control": "no-store",
+}
+
+
+def client(app: object, base_url: str = "http://testserver") -> httpx.AsyncClient:
+    """Return an in-process client for `app`."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/items/1", 200), ("GET", "/nowhere", 404), ("GET", "/problem", 404), ("POST", "/items/1", 405)],
+)
+async def test_security_headers_on_every_response(method: str, path: str, status: int) -> None:
+    async with client(build_app(Metrics())) as http:
+        response = await http.request(method, path)
+    assert response.status_code == status
+    for name, expected in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == expected, name
+    assert "strict-transport-security" not in response.headers
+
+
+async def test_security_headers_on_problem_and_413_bodies() -> None:
+    async with client(build_app(Metrics(), max_body=10)) as http:
+        problem = await http.get("/problem")
+        too_large = await http.post("/echo", content=b"x" * 11)
+    for response in (problem, too_large):
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
+
+
+async def test_route_set_headers_are_not_overwritten() -> None:
+    async with client(build_app(Metrics())) as http:
+        response = await http.get("/cached")
+    assert response.headers["cache-control"] == "max-age=60"
+    assert response.headers["x-frame-options"] == "SAMEORIGIN"
+    assert response.headers.get_list("cache-control") == ["max-age=60"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_hsts_only_over_https() -> None:
+    app = build_app(Metrics())
+    async with client(app, base_url="https://gateway.example") as https:
+        secure = await https.get("/items/1")
+    async with client(app) as http:
+        plain = await http.get("/items/1")
+    assert secure.headers["strict-transport-security"].startswith("max-age=63072000")
+    assert "strict-transport-security" not in plain.headers
+
+
+def test_cors_middleware_is_absent_without_origins_and_refuses_wildcard() -> None:
+    assert cors_middleware(()) is None
+    with pytest.raises(ValueError, match="explicitly"):
+        cors_middleware(("*",))
+
+
+def preflight(origin: str, method: str = "GET", headers: str = "authorization") -> dict[str, str]:
+    """Return the headers a browser sends on a CORS preflight."""
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": headers,
+    }
+
+
+async def test_preflight_from_allowed_origin_is_granted_and_cached() -> None:
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.options(
+            "/items/1", headers=preflight(ALLOWED, "DELETE", "authorization,content-type")
+        )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert response.headers["access-control-max-age"] == "600"
+    methods = {m.strip() for m in response.headers["access-control-allow-methods"].split(",")}
+    assert methods == {"GET", "POST", "DELETE", "OPTIONS"}
+    allowed_headers = response.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed_headers and "x-request-id" in allowed_headers
+    assert "x-on-behalf-of" not in allowed_headers
+    assert "access-control-allow-credentials" not in response.headers
+    assert "Origin" in response.headers["vary"]
+
+
+async def test_preflight_from_other_origin_gets_no_grant() -> None:
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.options("/items/1", headers=preflight(OTHER))
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_preflight_asking_for_act_as_header_is_refused() -> None:
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.options(
+            "/items/1", headers=preflight(ALLOWED, "GET", "authorization,x-on-behalf-of")
+        )
+    assert response.status_code == 400
+    assert "x-on-behalf-of" not in response.headers.get("access-control-allow-headers", "").lower()
+
+
+async def test_simple_requests_echo_only_allowed_origins_and_expose_headers() -> None:
+    async with client(build_app(Metrics(), origins=(ALLOWED, "https://admin.example"))) as http:
+        allowed = await http.get("/items/1", headers={"Origin": ALLOWED})
+        other = await http.get("/items/1", headers={"Origin": OTHER})
+        same_origin = await http.get("/items/1")
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED
+    exposed = {h.strip().lower() for h in allowed.headers["access-control-expose-headers"].split(",")}
+    assert exposed == {"ratelimit", "ratelimit-policy", "retry-after", "x-request-id"}
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in same_origin.headers
+    for response in (allowed, other, same_origin):
+        assert response.headers.get("access-control-allow-origin") != "*"
+
+
+def test_preflight_over_real_http() -> None:
+    with serve(build_app(Metrics(), origins=(ALLOWED,)), lifespan="off", ws="none") as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            granted = http.options("/v1/anything", headers=preflight(ALLOWED))
+            refused = http.options("/v1/anything", headers=preflight(OTHER))
+    assert granted.headers["access-control-allow-origin"] == ALLOWED
+    assert granted.headers["access-control-max-age"] == "600"
+    assert granted.headers["x-content-type-options"] == "nosniff"
+    assert "access-control-allow-origin" not in refused.headers
+
+
+def assert_413(response: httpx.Response) -> None:
+    """Check that `response` is the payload_too_large problem."""
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["code"] == "payload_too_large" and body["status"] == 413
+
+
+async def chunks(count: int, size: int) -> AsyncIterator[bytes]:
+    """Yield a request body in chunks, without a Content-Length."""
+    for _ in range(count):
+        yield b"x" * size
+
+
+async def test_body_over_limit_by_content_length_is_rejected_before_the_handler() -> None:
+    probe = Probe()
+    async with client(build_app(Metrics(), max_body=1024, probe=probe)) as http:
+        response = await http.post("/echo", content=b"x" * 1025)
+        at_limit = await http.post("/echo", content=b"x" * 1024)
+    assert_413(response)
+    assert at_limit.json() == {"length": 1024}
+    assert probe.echo_calls == 1
+
+
+async def test_chunked_body_over_limit_is_rejected() -> None:
+    async with client(build_app(Metrics(), max_body=1024)) as http:
+        over = await http.post("/echo", content=chunks(3, 400))
+        under = await http.post("/echo", content=chunks(2, 400))
+    assert "content-length" not in over.request.headers
+    assert_413(over)
+    assert under.json() == {"length": 800}
+
+
+async def test_body_limit_answers_itself_for_apps_without_error_handlers() -> None:
+    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    async with client(BodyLimitMiddleware(raw_app, max_bytes=100)) as http:
+        over = await http.post("/", content=chunks(3, 50))
+        under = await http.post("/", content=chunks(2, 50))
+    assert_413(over)
+    assert under.content == b"read it all"
+
+
+def _chunked_body() -> Iterator[bytes]:
+    for _ in range(5):
+        yield b"y" * 300
+
+
+def test_chunked_body_over_limit_over_real_http() -> None:
+    with serve(build_app(Metrics(), max_body=1024), lifespan="off", ws="none") as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            response = http.post("/echo", content=_chunked_body())
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_413(response)
+    assert json.loads(response.content)["detail"] == "the request body is larger than 1024 bytes"

@@ -1,0 +1,181 @@
+"""JSON logging, the secret-mask filter, audit events and user hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+from service.observability import (
+    AUDIT_LOGGER,
+    JsonFormatter,
+    SecretMaskFilter,
+    audit,
+    configure_logging,
+    mask_secrets,
+    user_hash,
+)
+
+SIGNING_KEY = "observability-tests-signing-key-0123456789abcdef0123456789abcdef"
+API_KEY = "sk_" + "0123456789abcdef" * 3
+TOUCHED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx", "httpcore", AUDIT_LOGGER)
+
+
+@contextlib.contextmanager
+def restore_logging() -> Iterator[None]:
+    """Put the root logger and the loggers configure_logging touches back as they were."""
+    root = logging.getLogger()
+    saved_root = (list(root.handlers), root.level)
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name in TOUCHED_LOGGERS
+        for lg in [logging.getLogger(name)]
+    }
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in saved_root[0]:
+                handler.close()
+        root.handlers[:] = saved_root[0]
+        root.setLevel(saved_root[1])
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
+@pytest.fixture
+def json_logs() -> Iterator[None]:
+    """Run a test with the production logging setup."""
+    with restore_logging():
+        configure_logging("INFO")
+        yield
+
+
+def read_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    """Parse every stderr line written so far as JSON (failing on any non-JSON line)."""
+    return [json.loads(raw) for raw in capsys.readouterr().err.splitlines()]
+
+
+def test_log_lines_are_json_with_standard_and_extra_fields(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logging.getLogger("convai_gateway.test").warning(
+        "limiter %s", "degraded", extra={"mode": "local", "n": 3}
+    )
+    (line,) = read_lines(capsys)
+    assert line["level"] == "WARNING"
+    assert line["logger"] == "convai_gateway.test"
+    assert line["msg"] == "limiter degraded"
+    assert (line["mode"], line["n"]) == ("local", 3)
+    assert isinstance(line["ts"], str) and line["ts"].endswith("Z") and "T" in line["ts"]
+
+
+def test_configure_logging_is_idempotent_and_honours_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with restore_logging():
+        configure_logging("INFO")
+        configure_logging("WARNING")
+        configure_logging("WARNING")
+        logging.getLogger("convai_gateway.test").info("dropped")
+        logging.getLogger("convai_gateway.test").error("kept")
+        lines = read_lines(capsys)
+        ours = [h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter)]
+    assert [line["msg"] for line in lines] == ["kept"]
+    assert len(ours) == 1
+
+
+def test_configure_logging_rejects_unknown_level() -> None:
+    with restore_logging(), pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("LOUD")
+
+
+def test_exceptions_are_logged_in_the_line_with_secrets_masked(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = jwt.encode({"sub": "alice"}, SIGNING_KEY, algorithm="HS256")
+    try:
+        raise RuntimeError(f"upstream said no to {token}")
+    except RuntimeError:
+        logging.getLogger("convai_gateway.test").exception("call failed")
+    (line,) = read_lines(capsys)
+    assert "RuntimeError" in str(line["exc"])
+    assert token not in json.dumps(line)
+    assert "[REDACTED]" in str(line["exc"])
+
+
+def test_secret_mask_filter_masks_messages_args_and_extras(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = jwt.encode({"sub": "alice"}, SIGNING_KEY, algorithm="HS256")
+    signed_url = (
+        "wss://api.elevenlabs.io/v1/convai/conversation?agent_id=agent_1&conversation_signature=s3cr3t-sig"
+    )
+    log = logging.getLogger("convai_gateway.test")
+    log.warning("token %s in args", token)
+    log.warning("headers {'xi-api-key': '%s', 'accept': 'json'}", API_KEY)
+    log.warning("xi-api-key=plainvalue123 and XI_API_KEY: other-value")
+    log.warning("minted %s", signed_url)
+    log.warning(
+        "auth", extra={"header": f"Bearer {token}", "raw": "Authorization: Bearer opaque.token-value"}
+    )
+    rendered = capsys.readouterr().err
+    for secret in (token, API_KEY, "plainvalue123", "other-value", "s3cr3t-sig", "opaque.token-value"):
+        assert secret not in rendered
+    lines = [json.loads(raw) for raw in rendered.splitlines()]
+    assert lines[3]["msg"] == (
+        "minted wss://api.elevenlabs.io/v1/convai/conversation?agent_id=agent_1&conversation_signature=[REDACTED]"
+    )
+    assert lines[0]["msg"] == "token [REDACTED] in args"
+    assert "'accept': 'json'" in str(lines[1]["msg"])
+
+
+def test_secret_mask_filter_on_a_bare_record() -> None:
+    token = jwt.encode({"sub": "bob"}, SIGNING_KEY, algorithm="HS256")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "got %s and %d", (token, 5), None)
+    assert SecretMaskFilter().filter(record) is True
+    assert record.getMessage() == "got [REDACTED] and 5"
+    assert mask_secrets("nothing secret here: agent_1, conv_42") == "nothing secret here: agent_1, conv_42"
+
+
+def test_audit_line_shape(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
+    audit(
+        "act_as", actor=user_hash("gateway-svc"), user=user_hash("alice"), name="clashes", agent_id="agent_1"
+    )
+    (line,) = read_lines(capsys)
+    assert line["logger"] == AUDIT_LOGGER
+    assert line["level"] == "INFO"
+    assert line["msg"] == "act_as" and line["event"] == "act_as"
+    assert line["actor"] == user_hash("gateway-svc") and line["user"] == user_hash("alice")
+    assert line["agent_id"] == "agent_1"
+    # A field named like a LogRecord attribute is kept under a suffixed key instead of breaking logging.
+    assert line["name_"] == "clashes"
+
+
+def test_audit_events_survive_a_quiet_log_level(capsys: pytest.CaptureFixture[str]) -> None:
+    with restore_logging():
+        configure_logging("ERROR")
+        audit("conversation_deleted", conversation_id="conv_1")
+        logging.getLogger("convai_gateway.test").warning("not shown")
+        lines = read_lines(capsys)
+    assert [line["event"] for line in lines] == ["conversation_deleted"]
+
+
+def test_user_hash_is_short_stable_and_distinct() -> None:
+    first = user_hash("alice@example.com")
+    assert first == user_hash("alice@example.com")
+    assert len(first) == 16 and int(first, 16) >= 0
+    assert first != user_hash("alice@example.co")
+    assert "alice" not in first
+
+
+def test_secret_mask_filter_masks_args_of_a_broken_format_string() -> None:
+    token = jwt.encode({"sub": "carol"}, SIGNING_KEY, algorithm="HS256")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "two %s %s but one arg", (token,), None)
+    assert SecretMaskFilter().filter(record) is True
+    assert record.args == ("[REDACTED]",)

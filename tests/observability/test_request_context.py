@@ -1,0 +1,215 @@
+"""Request ids and the access log written by RequestContextMiddleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+
+import httpx
+import jwt
+import pytest
+
+from service.observability import ACCESS_LOGGER, JsonFormatter, Metrics, configure_logging, user_hash
+from tests.observability.support import Probe, build_app
+from tests.observability.test_logging import restore_logging
+from tests.support.servers import serve
+
+SIGNING_KEY = "observability-tests-signing-key-0123456789abcdef0123456789abcdef"
+
+
+def client(app: object) -> httpx.AsyncClient:
+    """Return an in-process client for `app`."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """Return the access-log records, rendered by the production JSON formatter and parsed back."""
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == ACCESS_LOGGER]
+
+
+@pytest.fixture
+def access_caplog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Capture INFO access-log records."""
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    return caplog
+
+
+@pytest.mark.parametrize("offered", ["abc-123", "A.b_c-9", "x" * 64])
+async def test_valid_client_request_id_is_kept_and_returned(offered: str) -> None:
+    probe = Probe()
+    async with client(build_app(Metrics(), probe=probe)) as http:
+        response = await http.get("/items/1", headers={"X-Request-ID": offered})
+    assert response.headers["x-request-id"] == offered
+    assert response.json()["request_id"] == offered
+    assert probe.request_ids == [offered]
+
+
+@pytest.mark.parametrize("offered", ["x" * 65, "y" * 200, "has space", "semi;colon", "ümlaut", ""])
+async def test_invalid_client_request_id_is_replaced(offered: str) -> None:
+    async with client(build_app(Metrics())) as http:
+        response = await http.get("/items/1", headers={b"X-Request-ID": offered.encode()})
+    returned = response.headers["x-request-id"]
+    assert returned != offered
+    assert len(returned) == 32 and int(returned, 16) >= 0
+    assert response.json()["request_id"] == returned
+
+
+async def test_request_id_with_crlf_is_replaced() -> None:
+    # httpx refuses to send CR/LF in a header, so drive the ASGI app directly with the raw bytes.
+    app = build_app(Metrics())
+    messages: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/items/1", "raw_path": b"/items/1", "query_string": b"", "root_path": "",
+        "headers": [(b"x-request-id", b"evil\r\nSet-Cookie: a=b")], "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }  # fmt: skip
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    start = messages[0]
+    headers = dict(start["headers"])  # type: ignore[call-overload]
+    assert start["status"] == 200
+    assert b"\r" not in headers[b"x-request-id"] and len(headers[b"x-request-id"]) == 32
+    assert b"set-cookie" not in headers
+
+
+async def test_generated_ids_are_unique() -> None:
+    async with client(build_app(Metrics())) as http:
+        ids = {(await http.get("/items/1")).headers["x-request-id"] for _ in range(20)}
+    assert len(ids) == 20
+
+
+async def test_request_id_is_on_problem_and_404_responses() -> None:
+    async with client(build_app(Metrics())) as http:
+        problem = await http.get("/problem", headers={"X-Request-ID": "req-1"})
+        missing = await http.get("/nowhere", headers={"X-Request-ID": "req-2"})
+    assert (problem.status_code, problem.headers["x-request-id"]) == (404, "req-1")
+    assert (missing.status_code, missing.headers["x-request-id"]) == (404, "req-2")
+
+
+async def test_access_log_line_has_fields_and_no_secrets(access_caplog: pytest.LogCaptureFixture) -> None:
+    token = jwt.encode({"sub": "alice", "scope": "convai:session"}, SIGNING_KEY, algorithm="HS256")
+    async with client(build_app(Metrics())) as http:
+        response = await http.get(
+            "/items/conv_secret_42",
+            params={"token": token, "conversation_signature": "sig-abc", "agent_id": "agent_1"},
+            headers={"Authorization": f"Bearer {token}", "X-Request-ID": "trace-77"},
+        )
+    assert response.status_code == 200
+
+    lines = access_lines(access_caplog)
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["logger"] == ACCESS_LOGGER and line["level"] == "INFO"
+    assert {k: line[k] for k in ("method", "route", "status", "request_id", "client_ip", "user")} == {
+        "method": "GET",
+        "route": "/items/{item_id}",
+        "status": 200,
+        "request_id": "trace-77",
+        "client_ip": "127.0.0.1",
+        "user": None,
+    }
+    assert line["duration_ms"] == pytest.approx(300.0)
+    rendered = json.dumps(line)
+    for secret in (token, "Bearer", "sig-abc", "conversation_signature", "agent_1", "conv_secret_42", "eyJ"):
+        assert secret not in rendered
+
+
+async def test_access_log_names_the_user_by_hash_only(access_caplog: pytest.LogCaptureFixture) -> None:
+    async with client(build_app(Metrics())) as http:
+        await http.get("/whoami")
+    (line,) = access_lines(access_caplog)
+    assert line["user"] == user_hash("alice@example.com")
+    assert "alice" not in json.dumps(line)
+
+
+async def test_access_log_uses_resolved_client_ip_from_state(access_caplog: pytest.LogCaptureFixture) -> None:
+    inner = build_app(Metrics())
+
+    async def with_proxy_ip(scope: dict[str, object], receive: object, send: object) -> None:
+        scope["state"] = {"client_ip": "203.0.113.9"}
+        await inner(scope, receive, send)  # type: ignore[arg-type]
+
+    async with client(with_proxy_ip) as http:
+        await http.get("/items/1")
+    (line,) = access_lines(access_caplog)
+    assert line["client_ip"] == "203.0.113.9"
+
+
+async def test_access_log_records_unhandled_errors(access_caplog: pytest.LogCaptureFixture) -> None:
+    async with client(build_app(Metrics())) as http:
+        assert (await http.get("/boom")).status_code == 500
+    lines = access_lines(access_caplog)
+    assert [(line["route"], line["status"]) for line in lines] == [("/boom", 500)]
+
+
+@pytest.fixture
+def json_stderr() -> Iterator[None]:
+    """Install the production logging setup for one test and restore the previous one after it."""
+    with restore_logging():
+        configure_logging("INFO")
+        yield
+
+
+async def test_log_lines_written_during_a_request_carry_its_id(
+    json_stderr: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with client(build_app(Metrics())) as http:
+        await http.get("/whoami", headers={"X-Request-ID": "corr-123"})
+    lines = [json.loads(raw) for raw in capsys.readouterr().err.splitlines()]
+    route_line = next(line for line in lines if line["logger"] == "tests.observability.route")
+    access = next(line for line in lines if line["logger"] == ACCESS_LOGGER)
+    assert route_line["request_id"] == "corr-123" and route_line["msg"] == "handling whoami"
+    assert access["request_id"] == "corr-123"
+
+
+class _Waiter(logging.Handler):
+    """Collect access records from any thread and signal when one arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.arrived = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.arrived.set()
+
+
+def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
+    metrics = Metrics()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    waiter = _Waiter()
+    previous_level = logger.level
+    logger.addHandler(waiter)
+    logger.setLevel(logging.INFO)
+    try:
+        with serve(build_app(metrics), lifespan="off", ws="none") as server:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                with http.stream("GET", "/forever") as response:
+                    assert response.status_code == 200
+                    assert next(response.iter_raw()) == b"hello"
+                # Leaving the block closes the connection while the server is still streaming.
+            assert waiter.arrived.wait(timeout=10), "no access log after the client went away"
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(previous_level)
+
+    (record,) = waiter.records
+    assert record.route == "/forever"  # type: ignore[attr-defined]
+    assert record.status == 200  # type: ignore[attr-defined]
+    assert record.client_disconnected is True  # type: ignore[attr-defined]
+    count = metrics.registry.get_sample_value(
+        "convai_gateway_http_requests_total", {"method": "GET", "route": "/forever", "status": "200"}
+    )
+    assert count == 1
