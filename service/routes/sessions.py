@@ -1,0 +1,209 @@
+"""The two token routes: a signed WebSocket URL (recorded in the ownership ledger) and a WebRTC token.
+
+Both answer with `Cache-Control: no-store` (also on errors raised here), check the scope and the agent
+before any upstream call, and forward nothing but `agent_id` and an optional `branch_id` upstream.
+
+`GET /v1/convai/conversation/get-signed-url?agent_id=...[&branch_id=...]` returns
+`{"signed_url", "conversation_id", "expires_at"}`; `expires_at` is unix seconds (an integer): upstream
+signed URLs are valid for 15 minutes. The conversation is recorded as the caller's before the URL is
+handed out; if that write fails the request fails (503) - a URL whose conversation nobody owns is never
+returned.
+
+`GET /v1/convai/conversation/token?agent_id=...[&branch_id=...]` returns `{"token"}`. The upstream
+`participant_name` is always the caller's user id; `participant_name` and `user_id` query parameters
+are accepted for compatibility with clients written against the upstream API, and ignored. When upstream
+also names the conversation (newer API versions), it is recorded like a signed URL's and returned as
+`conversation_id`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import validation
+from service.client_ip import client_ip
+from service.errors import GatewayError, InvalidRequest, UpstreamError
+from service.ledger import LedgerEntry
+from service.observability import audit, current_request_id
+from service.ratelimit import Decision, enforce
+from service.state import Services, principal_of, services_of
+
+SESSION_SCOPE = "convai:session"
+SIGNED_URL_ROUTE = "/v1/convai/conversation/get-signed-url"
+WEBRTC_TOKEN_ROUTE = "/v1/convai/conversation/token"  # noqa: S105 - a path, not a secret
+SIGNED_URL_LIFETIME_SECONDS = 15 * 60
+NO_STORE_HEADERS: Mapping[str, str] = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+# Sent by clients written against the upstream API; the gateway decides both itself.
+IGNORED_TOKEN_PARAMS = ("participant_name", "user_id")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
+    """Build the token routes; `clock` (unix seconds) stamps ledger entries and `expires_at`."""
+
+    async def get_signed_url(request: Request) -> Response:
+        """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
+        services = services_of(request)
+        settings = services.settings
+        principal = principal_of(request)
+        principal.require_scope(SESSION_SCOPE)
+        singles, _ = validation.strict_query(request.query_params, single=("agent_id", "branch_id"))
+        agent = validation.agent_id(singles.get("agent_id"))
+        branch = _optional_id(singles, "branch_id")
+        principal.require_agent(agent, settings.allowed_agent_ids)
+        decision = await enforce(
+            services.limiter, settings, "session", user_id=principal.user_id, agent_id=agent
+        )
+        try:
+            body = await services.upstream.get_signed_url(agent, branch_id=branch)
+            signed_url = body.get("signed_url") if isinstance(body, dict) else None
+            if not isinstance(signed_url, str) or not signed_url:
+                raise UpstreamError("upstream returned no signed URL")
+            conversation_id = conversation_id_from(body, signed_url)
+            minted_at = int(clock())
+            await _record(services, conversation_id, LedgerEntry(principal.user_id, agent, minted_at))
+        except GatewayError as exc:
+            _add_headers(exc, decision.headers())
+            raise
+        audit(
+            "session_minted",
+            user=principal.user_id,
+            actor=principal.actor,
+            agent_id=agent,
+            conversation_id=conversation_id,
+            client_ip=client_ip(request.scope, settings.trusted_proxies),
+            request_id=getattr(request.state, "request_id", None) or current_request_id(),
+        )
+        return _json(
+            {
+                "signed_url": signed_url,
+                "conversation_id": conversation_id,
+                "expires_at": minted_at + SIGNED_URL_LIFETIME_SECONDS,
+            },
+            decision,
+        )
+
+    async def get_token(request: Request) -> Response:
+        """Mint a WebRTC conversation token whose participant is the caller."""
+        services = services_of(request)
+        settings = services.settings
+        principal = principal_of(request)
+        principal.require_scope(SESSION_SCOPE)
+        singles, _ = validation.strict_query(
+            request.query_params, single=("agent_id", "branch_id"), ignored=IGNORED_TOKEN_PARAMS
+        )
+        agent = validation.agent_id(singles.get("agent_id"))
+        branch = _optional_id(singles, "branch_id")
+        principal.require_agent(agent, settings.allowed_agent_ids)
+        decision = await enforce(
+            services.limiter, settings, "session", user_id=principal.user_id, agent_id=agent
+        )
+        try:
+            body = await services.upstream.get_webrtc_token(
+                agent, participant_name=principal.user_id, branch_id=branch
+            )
+            token = body.get("token") if isinstance(body, dict) else None
+            if not isinstance(token, str) or not token:
+                raise UpstreamError("upstream returned no token")
+            # Newer upstream versions name the conversation with the token; then it is owned like a
+            # signed URL's (recorded before the token is handed out). Without an id nothing is recorded
+            # and ownership of the WebRTC conversation falls back to its upstream user_id.
+            raw_id = body.get("conversation_id")
+            conversation_id = raw_id if isinstance(raw_id, str) and validation.is_valid_id(raw_id) else None
+            if conversation_id is not None:
+                entry = LedgerEntry(principal.user_id, agent, int(clock()))
+                await _record(services, conversation_id, entry)
+        except GatewayError as exc:
+            _add_headers(exc, decision.headers())
+            raise
+        audit(
+            "token_minted",
+            user=principal.user_id,
+            actor=principal.actor,
+            agent_id=agent,
+            conversation_id=conversation_id,
+            client_ip=client_ip(request.scope, settings.trusted_proxies),
+            request_id=getattr(request.state, "request_id", None) or current_request_id(),
+        )
+        content: dict[str, Any] = {"token": token}
+        if conversation_id is not None:
+            content["conversation_id"] = conversation_id
+        return _json(content, decision)
+
+    return [
+        Route(SIGNED_URL_ROUTE, _no_store(get_signed_url), methods=["GET"], name="get_signed_url"),
+        Route(WEBRTC_TOKEN_ROUTE, _no_store(get_token), methods=["GET"], name="get_conversation_token"),
+    ]
+
+
+def conversation_id_from(body: Mapping[str, Any], signed_url: str) -> str:
+    """Return the conversation id from the upstream body, else from the signed URL's query; 502 if none."""
+    from_body = body.get("conversation_id")
+    body_id = from_body if isinstance(from_body, str) and validation.is_valid_id(from_body) else None
+    url_values = parse_qs(urlsplit(signed_url).query).get("conversation_id", [])
+    url_id = url_values[0] if len(url_values) == 1 and validation.is_valid_id(url_values[0]) else None
+    if body_id is not None and url_id is not None and body_id != url_id:
+        # Recording either could make the caller the owner of a conversation it is not having.
+        raise UpstreamError("upstream returned inconsistent conversation ids")
+    found = body_id or url_id
+    if found is None:
+        raise UpstreamError("upstream returned no conversation id")
+    return found
+
+
+async def _record(services: Services, conversation_id: str, entry: LedgerEntry) -> None:
+    try:
+        await services.ledger.record(conversation_id, entry)
+    except Exception:
+        services.metrics.ledger_write("error")
+        raise
+    services.metrics.ledger_write("ok")
+
+
+def _optional_id(singles: Mapping[str, str], name: str) -> str | None:
+    value = singles.get(name)
+    if value is None:
+        return None
+    if not validation.is_valid_id(value):
+        raise InvalidRequest(
+            f"{name} must be 1..{validation.MAX_ID_LENGTH} characters of A-Z a-z 0-9 _ -",
+            extra={"parameter": name},
+        )
+    return value
+
+
+def _add_headers(exc: GatewayError, headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        exc.headers.setdefault(name, value)
+
+
+def _no_store(handler: Handler) -> Handler:
+    # Token routes must never be cached, errors included (DESIGN section 1).
+    async def wrapped(request: Request) -> Response:
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            _add_headers(exc, NO_STORE_HEADERS)
+            raise
+        response.headers.update(NO_STORE_HEADERS)
+        return response
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+def _json(content: dict[str, Any], decision: Decision) -> JSONResponse:
+    return JSONResponse(content, headers={**decision.headers(), **NO_STORE_HEADERS})
+
+
+routes: list[Route] = make_routes()
