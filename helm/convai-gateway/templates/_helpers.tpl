@@ -1,0 +1,154 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "convai-gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: release-chart unless the release name already contains the chart name.
+*/}}
+{{- define "convai-gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "convai-gateway.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "convai-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "convai-gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "convai-gateway.labels" -}}
+helm.sh/chart: {{ include "convai-gateway.chart" . }}
+{{ include "convai-gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: gateway
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "convai-gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "convai-gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: a digest wins over a tag; the tag defaults to appVersion.
+*/}}
+{{- define "convai-gateway.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "convai-gateway.secretName" -}}
+{{- default (include "convai-gateway.fullname" .) .Values.secret.existingSecret }}
+{{- end }}
+
+{{- define "convai-gateway.envConfigMapName" -}}
+{{- printf "%s-env" (include "convai-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "convai-gateway.filesConfigMapName" -}}
+{{- printf "%s-files" (include "convai-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Whether gateway.toml is rendered: any issuer, rate limit, or a Redis topology that lives in TOML.
+*/}}
+{{- define "convai-gateway.hasToml" -}}
+{{- $g := .Values.gatewayToml }}
+{{- if or $g.issuers $g.rateLimits (eq .Values.redis.mode "sentinel") (eq .Values.redis.mode "cluster") }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the files ConfigMap exists (gateway.toml or any public key).
+*/}}
+{{- define "convai-gateway.hasFiles" -}}
+{{- if or (include "convai-gateway.hasToml" .) .Values.config.jwt.publicKey .Values.gatewayToml.publicKeys }}true{{ end }}
+{{- end }}
+
+{{/*
+Secret keys exposed as env vars: extraKeys plus the keys of extraData, deduplicated and sorted.
+*/}}
+{{- define "convai-gateway.extraSecretKeys" -}}
+{{- $keys := .Values.secret.extraKeys }}
+{{- if not .Values.secret.existingSecret }}
+{{- $keys = concat $keys (keys .Values.secret.extraData) }}
+{{- end }}
+{{- $keys | uniq | sortAlpha | toJson }}
+{{- end }}
+
+{{/*
+gateway.toml. Strings go through toJson: a JSON string is a valid TOML basic string.
+*/}}
+{{- define "convai-gateway.gatewayToml" -}}
+# Rendered by the convai-gateway Helm chart from .Values.gatewayToml and .Values.redis.
+{{- range .Values.gatewayToml.issuers }}
+
+[[issuers]]
+{{- if .issuer }}
+issuer = {{ .issuer | toJson }}
+{{- end }}
+{{- if .audiences }}
+audiences = {{ .audiences | toJson }}
+{{- end }}
+{{- if .algorithms }}
+algorithms = {{ .algorithms | toJson }}
+{{- end }}
+{{- if .hs256SecretEnv }}
+hs256_secret_env = {{ .hs256SecretEnv | toJson }}
+{{- end }}
+{{- if .jwksUrl }}
+jwks_url = {{ .jwksUrl | toJson }}
+{{- end }}
+{{- if .publicKeyFile }}
+public_key_file = {{ printf "/etc/convai-gateway/keys/%s" .publicKeyFile | toJson }}
+{{- end }}
+{{- end }}
+{{- range $name, $policy := .Values.gatewayToml.rateLimits }}
+
+[rate_limits.{{ $name }}]
+{{- if hasKey $policy "limit" }}
+limit = {{ $policy.limit | int64 }}
+{{- end }}
+{{- if hasKey $policy "periodSeconds" }}
+period_seconds = {{ $policy.periodSeconds | toJson }}
+{{- end }}
+{{- if hasKey $policy "burst" }}
+burst = {{ $policy.burst | int64 }}
+{{- end }}
+{{- if hasKey $policy "shadow" }}
+shadow = {{ $policy.shadow | toJson }}
+{{- end }}
+{{- end }}
+{{- if eq .Values.redis.mode "sentinel" }}
+
+[redis]
+sentinels = {{ .Values.redis.sentinel.hosts | toJson }}
+sentinel_service = {{ .Values.redis.sentinel.serviceName | toJson }}
+{{- else if eq .Values.redis.mode "cluster" }}
+
+[redis]
+cluster = true
+{{- end }}
+{{- end }}

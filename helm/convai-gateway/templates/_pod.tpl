@@ -1,0 +1,50 @@
+{{/*
+Environment shared by the gateway container and the check-config init container.
+*/}}
+{{- define "convai-gateway.env" -}}
+{{- $secretName := include "convai-gateway.secretName" . }}
+{{- $existing := .Values.secret.existingSecret }}
+envFrom:
+  - configMapRef:
+      name: {{ include "convai-gateway.envConfigMapName" . }}
+env:
+  # The key is mounted as a file, not an env var: it stays out of /proc/<pid>/environ.
+  - name: ELEVENLABS_API_KEY_FILE
+    value: /var/run/secrets/convai-gateway/ELEVENLABS_API_KEY
+  - name: JWT_HS256_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secretName }}
+        key: JWT_HS256_SECRET
+        optional: true
+  {{- if and (has .Values.redis.mode (list "url" "cluster")) (or $existing .Values.redis.url) }}
+  - name: REDIS_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secretName }}
+        key: REDIS_URL
+        optional: {{ if and $existing (eq .Values.redis.mode "url") }}true{{ else }}false{{ end }}
+  {{- end }}
+  {{- range (include "convai-gateway.extraSecretKeys" . | fromJsonArray) }}
+  - name: {{ . }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ $secretName }}
+        key: {{ . }}
+  {{- end }}
+{{- end }}
+
+{{- define "convai-gateway.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: prometheus-multiproc
+  mountPath: {{ .Values.metrics.multiprocDir }}
+- name: api-key
+  mountPath: /var/run/secrets/convai-gateway
+  readOnly: true
+{{- if include "convai-gateway.hasFiles" . }}
+- name: config-files
+  mountPath: /etc/convai-gateway
+  readOnly: true
+{{- end }}
+{{- end }}
