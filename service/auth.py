@@ -37,6 +37,7 @@ from service.errors import (
     error_response,
 )
 from service.jwks import ALGORITHM_FAMILIES, JwksCache, VerificationKey, key_family, safe_url
+from service.observability import audit
 from service.settings import IssuerConfig, Settings
 
 logger = logging.getLogger("service.auth")
@@ -501,7 +502,16 @@ class AuthenticationMiddleware:
         except GatewayError as exc:
             await _send_error(exc, scope, receive, send)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        if principal.actor is not None:
+            audit(
+                "act_as",
+                actor=principal.actor,
+                user=principal.user_id,
+                client_ip=state.get("client_ip"),
+                request_id=state.get("request_id"),
+            )
         await self.app(scope, receive, send)
 
 

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://convai-gateway.dev/problems/"
@@ -255,6 +256,38 @@ async def _unhandled_error_handler(request: Request, exc: Exception) -> Response
     return problem_response(
         500, "internal_error", "Internal error", "the gateway failed to handle this request"
     )
+
+
+class UnhandledErrorMiddleware:
+    """Answer an unexpected exception with a 500 problem inside the middleware stack.
+
+    Starlette's own 500 handler sits outside every user middleware, so its responses would miss the
+    request id and security headers; this boundary sits inside them.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; turn an exception raised before the response started into a 500 problem."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                raise  # too late for a problem body; the server closes the connection
+            response = await _unhandled_error_handler(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 EXCEPTION_HANDLERS = {

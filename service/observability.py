@@ -42,6 +42,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.client_ip import client_ip
+from service.settings import IPNetwork
+
 ACCESS_LOGGER: Final = "convai_gateway.access"
 AUDIT_LOGGER: Final = "convai_gateway.audit"
 REQUEST_ID_HEADER: Final = "X-Request-ID"
@@ -110,8 +113,8 @@ class Metrics:
         )
         # livemax: across live workers, 1 for a state means at least one worker's breaker is in it.
         self.circuit = Gauge(
-            "convai_gateway_upstream_circuit_state",
-            "Upstream circuit breaker state (1 for the current state, 0 for the others).",
+            "convai_gateway_redis_circuit_state",
+            "Redis circuit breaker state of the rate limiter (1 for the current state, 0 for the others).",
             ("state",),
             multiprocess_mode="livemax",
             registry=reg,
@@ -149,7 +152,7 @@ class Metrics:
         self.redis_errors.inc()
 
     def circuit_state(self, state: str) -> None:
-        """Set the upstream circuit breaker gauge to `state` (closed, open or half_open)."""
+        """Set the Redis circuit breaker gauge to `state` (closed, open or half_open)."""
         if state not in CIRCUIT_STATES:
             raise ValueError(f"unknown circuit state {state!r}; expected one of {', '.join(CIRCUIT_STATES)}")
         for name in CIRCUIT_STATES:
@@ -409,11 +412,17 @@ class RequestContextMiddleware:
     """Give every HTTP request an id, then record its metrics and write one access-log line."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, *, clock: Callable[[], float] = time.perf_counter
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        *,
+        trusted_proxies: tuple[IPNetwork, ...] = (),
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        """Wrap `app`; `clock` measures durations (monotonic seconds)."""
+        """Wrap `app`; `trusted_proxies` resolve the client IP, `clock` measures durations (monotonic seconds)."""
         self.app = app
         self.metrics = metrics
+        self.trusted_proxies = trusted_proxies
         self.clock = clock
         self.logger = logging.getLogger(ACCESS_LOGGER)
 
@@ -430,6 +439,8 @@ class RequestContextMiddleware:
         )
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        # Resolved once here so the access log, audit lines and the auth-failure limit agree on the client.
+        state["client_ip"] = client_ip(scope, self.trusted_proxies)
         token = _request_id.set(request_id)
 
         status: int | None = None

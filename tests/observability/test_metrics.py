@@ -131,16 +131,16 @@ def test_domain_metrics_render_and_parse() -> None:
         == 2
     )
     assert value(body, "convai_gateway_redis_errors_total") == 1
-    assert value(body, "convai_gateway_upstream_circuit_state", state="open") == 1
-    assert value(body, "convai_gateway_upstream_circuit_state", state="closed") == 0
-    assert value(body, "convai_gateway_upstream_circuit_state", state="half_open") == 0
+    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 1
+    assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 0
+    assert value(body, "convai_gateway_redis_circuit_state", state="half_open") == 0
     assert value(body, "convai_gateway_jwks_refreshes_total", outcome="error") == 1
     assert value(body, "convai_gateway_ledger_writes_total", outcome="error") == 1
 
     metrics.circuit_state("half_open")
     body, _ = metrics.render()
-    assert value(body, "convai_gateway_upstream_circuit_state", state="open") == 0
-    assert value(body, "convai_gateway_upstream_circuit_state", state="half_open") == 1
+    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 0
+    assert value(body, "convai_gateway_redis_circuit_state", state="half_open") == 1
     with pytest.raises(ValueError, match="unknown circuit state"):
         metrics.circuit_state("ajar")
 
@@ -232,13 +232,13 @@ async def test_multiprocess_mode_aggregates_workers(multiproc_dir: Path) -> None
         == 2
     )
     # livemax: one worker's open breaker shows, whatever the others say.
-    assert value(body, "convai_gateway_upstream_circuit_state", state="open") == 1
-    assert value(body, "convai_gateway_upstream_circuit_state", state="closed") == 1
+    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 1
+    assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
 
     mark_process_dead(open_pid)
     body, _ = metrics.render()
-    assert value(body, "convai_gateway_upstream_circuit_state", state="open") == 0
-    assert value(body, "convai_gateway_upstream_circuit_state", state="closed") == 1
+    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 0
+    assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
     # Counters of a dead worker still count.
     assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
 

@@ -133,17 +133,41 @@ async def test_access_log_names_the_user_by_hash_only(access_caplog: pytest.LogC
     assert "alice" not in json.dumps(line)
 
 
-async def test_access_log_uses_resolved_client_ip_from_state(access_caplog: pytest.LogCaptureFixture) -> None:
-    inner = build_app(Metrics())
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [("10.0.0.5", "198.51.100.23"), ("192.0.2.50", "192.0.2.50")],
+    ids=["trusted-proxy-forwards", "untrusted-peer-spoof-ignored"],
+)
+async def test_access_log_uses_the_proxy_aware_client_ip(
+    access_caplog: pytest.LogCaptureFixture, peer: str, expected: str
+) -> None:
+    import ipaddress
 
-    async def with_proxy_ip(scope: dict[str, object], receive: object, send: object) -> None:
-        scope["state"] = {"client_ip": "203.0.113.9"}
-        await inner(scope, receive, send)  # type: ignore[arg-type]
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
 
-    async with client(with_proxy_ip) as http:
-        await http.get("/items/1")
+    from service.observability import RequestContextMiddleware
+
+    async def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", ok)],
+        middleware=[
+            Middleware(
+                RequestContextMiddleware,
+                metrics=Metrics(),
+                trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),),
+            )
+        ],
+    )
+    transport = httpx.ASGITransport(app=app, client=(peer, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        await http.get("/", headers={"X-Forwarded-For": "198.51.100.23"})
     (line,) = access_lines(access_caplog)
-    assert line["client_ip"] == "203.0.113.9"
+    assert line["client_ip"] == expected
 
 
 async def test_access_log_records_unhandled_errors(access_caplog: pytest.LogCaptureFixture) -> None:

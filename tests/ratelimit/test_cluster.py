@@ -147,3 +147,64 @@ async def test_script_reloads_on_every_node(cluster: RedisCluster, cluster_nodes
             client.script_flush()
     assert (await limiter.acquire(hits)).allowed
     assert not (await limiter.acquire(hits)).allowed
+
+
+async def test_ledger_round_trips_across_cluster_slots(cluster: RedisCluster) -> None:
+    from service.ledger import LedgerEntry, RedisLedger, ledger_key
+
+    ledger = RedisLedger(cluster, ttl_days=1)
+    ids = [f"conv_{i:026d}" for i in range(40)]
+    assert len({key_slot(ledger_key(i).encode()) for i in ids}) > 1, "ids must spread over slots"
+    for index, conversation in enumerate(ids):
+        await ledger.record(
+            conversation, LedgerEntry(f"user{index % 3}", "agent_demo", 1_700_000_000 + index)
+        )
+    found = await ledger.lookup_many([*ids, "conv_missing"])
+    assert set(found) == set(ids)
+    assert found[ids[4]] == LedgerEntry("user1", "agent_demo", 1_700_000_004)
+    await ledger.remove(ids[0])
+    assert await ledger.lookup(ids[0]) is None
+    assert await ledger.ping()
+
+
+async def test_gateway_on_a_cluster_mints_and_enforces_ownership(
+    cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    from pathlib import Path
+
+    from tests.conftest import EMULATOR_API_KEY
+    from tests.support.gateway import run_gateway
+
+    for node in cluster_nodes:
+        with contextlib.closing(node.client()) as client:
+            client.flushall()
+    config = Path(str(tmp_path)) / "gateway.toml"
+    config.write_text("[redis]\ncluster = true\n")
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    async with run_gateway(emulator_url, EMULATOR_API_KEY, seed, {"GATEWAY_CONFIG": str(config)}) as gw:
+        assert (await gw.client.get("/readyz")).status_code == 200
+        minted = await gw.client.get(
+            "/v1/convai/conversation/get-signed-url",
+            params={"agent_id": "agent_demo"},
+            headers=gw.headers("alice"),
+        )
+        assert minted.status_code == 200, minted.text
+        conversation_id = minted.json()["conversation_id"]
+        # The emulator records the conversation as someone else's; the ledger on the cluster decides.
+        seeded = await gw.emulator.post(
+            "/_emulator/conversations",
+            json={"conversation_id": conversation_id, "agent_id": "agent_demo", "user_id": "mallory"},
+        )
+        assert seeded.status_code == 200, seeded.text
+        own = await gw.client.get(f"/v1/convai/conversations/{conversation_id}", headers=gw.headers("alice"))
+        foreign = await gw.client.get(
+            f"/v1/convai/conversations/{conversation_id}", headers=gw.headers("mallory")
+        )
+        assert own.status_code == 200
+        assert foreign.status_code == 404
+        assert "RateLimit" in minted.headers
+    owners = []
+    for node in cluster_nodes:
+        with contextlib.closing(node.client()) as client:
+            owners += [client.get(key) for key in client.keys("ledger:*")]
+    assert len(owners) == 1 and '"alice"' in str(owners[0])

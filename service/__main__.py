@@ -1,0 +1,270 @@
+"""The `convai-gateway` command line: serve, dev, emulator, token, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from service import __version__
+from service.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+DEV_AGENT_ID = "agent_demo"
+DEV_USER = "alice"
+
+
+def _fail(message: str) -> int:
+    print(f"convai-gateway: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _settings_or_exit() -> Settings | None:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"convai-gateway: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the production server (uvicorn) from the environment."""
+    settings = _settings_or_exit()
+    if settings is None:
+        return EXIT_CONFIG
+    import uvicorn
+
+    from service.observability import configure_logging, serve_metrics_port
+
+    configure_logging(settings.log_level)
+    workers = args.workers
+    if (workers > 1 or settings.metrics_port) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes share one set of metrics only through prometheus-client's multiprocess files.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="convai-metrics-")
+    if settings.metrics_port:
+        serve_metrics_port(settings.host if args.host is None else args.host, settings.metrics_port)
+    uvicorn.run(
+        "service.app:app_from_environment",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=workers,
+        lifespan="on",
+        proxy_headers=False,  # client IPs come from TRUSTED_PROXIES only (service.client_ip)
+        server_header=False,
+        log_config=None,
+        access_log=False,  # one structured line per request comes from the app itself
+        timeout_graceful_shutdown=args.graceful_timeout,
+        timeout_keep_alive=5,
+    )
+    return 0
+
+
+def _dev_environment(port: int, emulator_port: int) -> dict[str, str]:
+    env = {
+        "ELEVENLABS_API_KEY": "xi-dev-" + secrets.token_hex(16),
+        "ELEVENLABS_BASE_URL": f"http://127.0.0.1:{emulator_port}",
+        "JWT_HS256_SECRET": secrets.token_hex(32),
+        "ALLOWED_AGENT_IDS": f"{DEV_AGENT_ID},agent_other",
+        "CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{port},http://localhost:{port}",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    # Whatever the developer exported wins, except the upstream: dev always talks to its own emulator.
+    for name, value in os.environ.items():
+        if name in env and name not in ("ELEVENLABS_BASE_URL", "ELEVENLABS_API_KEY"):
+            env[name] = value
+    return env
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Run the gateway in front of the embedded emulator and print a dev token and curl lines."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.dev_tokens import mint_token
+    from service.emulator import create_emulator_app
+    from service.observability import configure_logging
+
+    env = _dev_environment(args.port, args.emulator_port)
+    os.environ.update(env)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        return _fail(str(exc))
+    configure_logging(settings.log_level)
+    token = mint_token(
+        env["JWT_HS256_SECRET"],
+        DEV_USER,
+        scopes="convai:session convai:history convai:delete",
+        ttl=12 * 3600,
+        issuer=settings.issuers[0].issuer,
+        audience=(settings.issuers[0].audiences or (None,))[0],
+    )
+    base = f"http://127.0.0.1:{args.port}"
+    emulator = create_emulator_app(env["ELEVENLABS_API_KEY"], seed=True)
+    gateway = create_app(settings)
+    servers = [
+        uvicorn.Server(
+            uvicorn.Config(
+                emulator, host="127.0.0.1", port=args.emulator_port, log_config=None, ws="websockets-sansio"
+            )
+        ),
+        uvicorn.Server(
+            uvicorn.Config(
+                gateway,
+                host="127.0.0.1",
+                port=args.port,
+                log_config=None,
+                access_log=False,
+                server_header=False,
+            )
+        ),
+    ]
+    banner = f"""
+convai-gateway {__version__} (dev) on {base}, upstream emulator on http://127.0.0.1:{args.emulator_port}
+Redis: {"REDIS_URL=" + (settings.redis_url or "") if settings.redis.configured else "none (in-process limiter and ledger)"}
+
+Dev token for user {DEV_USER!r} (12 h, scopes convai:session convai:history convai:delete):
+
+export TOKEN={token}
+
+curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/get-signed-url?agent_id={DEV_AGENT_ID}"
+curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/token?agent_id={DEV_AGENT_ID}"
+curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversations?page_size=5"
+
+More tokens: JWT_HS256_SECRET={env["JWT_HS256_SECRET"]} convai-gateway token --sub bob
+Press Ctrl+C to stop.
+"""
+
+    async def run_both() -> None:
+        tasks = [asyncio.create_task(server.serve()) for server in servers]
+        # Print the token only once both servers listen, so the curl lines work the moment they appear.
+        while not all(server.started for server in servers):
+            if any(task.done() for task in tasks):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            print(banner, flush=True)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run_both())
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    """Run the upstream emulator alone."""
+    import uvicorn
+
+    from service.emulator import create_emulator_app
+
+    api_key = os.environ.get("ELEVENLABS_API_KEY") or os.environ.get("EMULATOR_API_KEY")
+    if not api_key:
+        return _fail("emulator: set ELEVENLABS_API_KEY (the key the emulator will accept)")
+    app = create_emulator_app(api_key, seed=not args.empty)
+    uvicorn.run(app, host=args.host, port=args.port, server_header=False, ws="websockets-sansio")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a dev JWT signed with JWT_HS256_SECRET."""
+    from service.dev_tokens import mint_token
+    from service.settings import MIN_HS256_SECRET_BYTES
+
+    secret = os.environ.get("JWT_HS256_SECRET", "")
+    if len(secret.encode()) < MIN_HS256_SECRET_BYTES:
+        return _fail(f"token: JWT_HS256_SECRET must be set to at least {MIN_HS256_SECRET_BYTES} bytes")
+    if args.ttl <= 0:
+        return _fail("token: --ttl must be a positive number of seconds")
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
+    print(
+        mint_token(
+            secret,
+            args.sub,
+            scopes=args.scope,
+            ttl=args.ttl,
+            agents=agents,
+            issuer=os.environ.get("JWT_ISSUER") or None,
+            audience=(os.environ.get("JWT_AUDIENCE") or "").split(",")[0].strip() or None,
+        )
+    )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the environment: exit 0 when valid, else print every problem and exit 2."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print("configuration is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    redis = "in-process (single replica)"
+    if settings.redis.cluster:
+        redis = "cluster"
+    elif settings.redis.sentinels:
+        redis = f"sentinel ({settings.redis.sentinel_service})"
+    elif settings.redis.url:
+        redis = "standalone"
+    print(
+        "configuration OK: "
+        f"upstream {settings.elevenlabs_base_url}, {len(settings.issuers)} token issuer(s), "
+        f"{len(settings.allowed_agent_ids)} allowed agent(s), redis {redis}, ownership {settings.ownership_mode}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="convai-gateway", description="ElevenLabs convai backend-for-frontend"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the production server from the environment")
+    serve.add_argument("--host", default=None, help="bind address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: PORT or 8080)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--graceful-timeout", type=int, default=20, help="seconds to finish in-flight requests"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    dev = sub.add_parser("dev", help="run the gateway with the embedded emulator and print a dev token")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--emulator-port", type=int, default=8090)
+    dev.set_defaults(handler=cmd_dev)
+
+    emulator = sub.add_parser("emulator", help="run the upstream emulator alone")
+    emulator.add_argument("--port", type=int, required=True)
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--empty", action="store_true", help="start without sample conversations")
+    emulator.set_defaults(handler=cmd_emulator)
+
+    token = sub.add_parser("token", help="print a dev JWT signed with JWT_HS256_SECRET")
+    token.add_argument("--sub", required=True, help="user id (the sub claim)")
+    token.add_argument("--scope", default="convai:session convai:history", help="space-separated scopes")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument("--agents", default=None, help="comma-separated agents claim")
+    token.set_defaults(handler=cmd_token)
+
+    check = sub.add_parser("check-config", help="validate the environment (exit 0) or list problems (exit 2)")
+    check.set_defaults(handler=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

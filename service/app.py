@@ -1,0 +1,120 @@
+"""`create_app(settings)`: routes, middleware and the lifespan that owns every shared client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from service.auth import AuthenticationMiddleware, Authenticator
+from service.errors import EXCEPTION_HANDLERS, UnhandledErrorMiddleware
+from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
+from service.ledger import build_ledger
+from service.observability import Metrics, RequestContextMiddleware, metrics_endpoint
+from service.ratelimit import IpAuthFailureGuard, build_rate_limiter
+from service.redis_client import close_redis, create_redis
+from service.routes import conversations, health, sessions
+from service.settings import Settings, load_settings
+from service.state import Services
+from service.upstream import UpstreamClient, create_http_client
+
+MAX_BODY_BYTES = 16 * 1024
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    jwks_transport: httpx.AsyncBaseTransport | None = None,
+    metrics: Metrics | None = None,
+) -> Starlette:
+    """Build the gateway ASGI app; the transports let tests route upstream/JWKS calls in-process."""
+    metrics = metrics or Metrics()
+    authenticator = Authenticator(settings, transport=jwks_transport, on_jwks_refresh=metrics.jwks_refresh)
+    # Redis clients connect lazily, so building them here (outside the event loop) is safe; the lifespan
+    # closes them. The limiter must exist before the middleware stack is built: the failed-auth guard uses it.
+    redis = (
+        create_redis(settings.redis, timeout=settings.redis_timeout_seconds)
+        if settings.redis.configured
+        else None
+    )
+    limiter = build_rate_limiter(
+        settings,
+        redis,
+        observe=metrics.observe_rate_limit,
+        on_redis_error=metrics.redis_error,
+        on_circuit=metrics.circuit_state,
+    )
+    ledger = build_ledger(settings, redis)
+    guard = IpAuthFailureGuard(limiter, settings.rate_limits["ip-auth-failure"], settings.trusted_proxies)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        if redis is not None and settings.redis.cluster:
+            # redis-py's async cluster client fails commands that race its first topology discovery;
+            # with retries off (the breaker decides) that must happen before traffic, once.
+            await redis.initialize()
+        http = create_http_client(settings, transport=upstream_transport)
+        upstream = UpstreamClient(
+            http,
+            max_retries=settings.upstream_max_retries,
+            audio_read_timeout=settings.upstream_audio_read_timeout,
+            observe=metrics.observe_upstream,
+        )
+        await authenticator.start()
+        services = Services(
+            settings=settings,
+            upstream=upstream,
+            authenticator=authenticator,
+            limiter=limiter,
+            ledger=ledger,
+            metrics=metrics,
+            redis=redis,
+        )
+        try:
+            yield {"services": services}
+        finally:
+            await authenticator.aclose()
+            await http.aclose()
+            await limiter.aclose()
+            if redis is not None:
+                await close_redis(redis)
+
+    routes: list[Route] = [*health.routes, *sessions.routes, *conversations.routes]
+    if settings.metrics_port is None:
+        routes.append(Route("/metrics", metrics_endpoint(metrics), methods=["GET"]))
+
+    # Outermost first: request id + access log see everything (500s included, thanks to the error
+    # boundary inside them), CORS answers preflights before auth.
+    middleware = [
+        Middleware(RequestContextMiddleware, metrics=metrics, trusted_proxies=settings.trusted_proxies),
+        Middleware(SecurityHeadersMiddleware),
+        Middleware(UnhandledErrorMiddleware),
+    ]
+    cors = cors_middleware(settings.cors_allowed_origins)
+    if cors is not None:
+        middleware.append(cors)
+    middleware += [
+        Middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES),
+        Middleware(AuthenticationMiddleware, authenticator=authenticator, guard=guard),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    # A trailing-slash redirect would turn `abc%2F` into a 307 to `abc`: an encoded slash must never
+    # silently become another conversation id.
+    app.router.redirect_slashes = False
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """Build the app from the process environment (the `serve` command's uvicorn factory)."""
+    return create_app(load_settings())

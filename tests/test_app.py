@@ -1,0 +1,156 @@
+"""The assembled app: health, readiness, OpenAPI honesty, metrics, and failure answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import httpx
+from openapi_spec_validator import validate
+from starlette.routing import Route
+
+from service.app import create_app
+from service.openapi import OPERATIONS
+from service.settings import load_settings
+from tests.support.gateway import Gateway, gateway_env
+from tests.support.lifespan import running
+from tests.support.servers import RedisServer, free_port
+
+GatewayFactory = Callable[..., AbstractAsyncContextManager[Gateway]]
+
+
+async def test_healthz_is_always_ok(gateway: Gateway) -> None:
+    response = await gateway.client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_is_ready_with_redis_and_keys(gateway: Gateway) -> None:
+    response = await gateway.client.get("/readyz")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["redis"]["ok"] is True
+    assert body["checks"]["jwt_keys"]["ok"] is True
+    assert body["mode"]["rate_limiter"] == "redis"
+
+
+async def test_readyz_names_redis_when_it_is_down(gateway: Gateway, redis_server: RedisServer) -> None:
+    redis_server.stop()
+    try:
+        response = await gateway.client.get("/readyz")
+    finally:
+        redis_server.start()
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["redis"]["ok"] is False
+    assert body["checks"]["jwt_keys"]["ok"] is True
+    recovered = await gateway.client.get("/readyz")
+    assert recovered.status_code == 200
+
+
+async def test_readyz_says_when_running_without_redis(make_gateway: GatewayFactory) -> None:
+    async with make_gateway(REDIS_URL="") as gw:
+        response = await gw.client.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["mode"] == {
+        "rate_limiter": "in-process",
+        "ledger": "in-process",
+        "ownership": "ledger_or_user_id",
+    }
+    assert "in-process" in body["checks"]["redis"]["detail"]
+
+
+async def test_readyz_waits_for_jwks_keys(make_gateway: GatewayFactory) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}/jwks.json"
+    async with make_gateway(JWT_JWKS_URL=unreachable) as gw:
+        response = await gw.client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["jwt_keys"]["ok"] is False
+
+
+async def test_openapi_documents_exactly_the_mounted_routes(gateway: Gateway) -> None:
+    response = await gateway.client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    mounted = {
+        (method, route.path)
+        for route in gateway.app.routes
+        if isinstance(route, Route)
+        for method in (route.methods or ())
+        if method != "HEAD"
+    }
+    documented = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
+    assert documented == mounted == set(OPERATIONS)
+
+
+async def test_openapi_scopes_match_the_design(gateway: Gateway) -> None:
+    document = (await gateway.client.get("/openapi.json")).json()
+    scopes = {
+        (method.upper(), path): op.get("x-required-scope")
+        for path, ops in document["paths"].items()
+        for method, op in ops.items()
+    }
+    assert scopes[("GET", "/v1/convai/conversation/get-signed-url")] == "convai:session"
+    assert scopes[("GET", "/v1/convai/conversation/token")] == "convai:session"
+    assert scopes[("GET", "/v1/convai/conversations")] == "convai:history"
+    assert scopes[("DELETE", "/v1/convai/conversations/{conversation_id}")] == "convai:delete"
+    assert scopes[("GET", "/healthz")] is None
+
+
+async def test_metrics_are_served_in_prometheus_format(gateway: Gateway) -> None:
+    await gateway.client.get("/healthz")
+    response = await gateway.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert 'convai_gateway_http_requests_total{method="GET",route="/healthz",status="200"}' in response.text
+
+
+async def test_unreachable_upstream_is_a_502_problem(redis_url: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = load_settings(gateway_env(dead, "xi-key", redis_url, UPSTREAM_MAX_RETRIES="0"))
+    app = create_app(settings)
+    from service.dev_tokens import mint_token
+    from tests.support.gateway import TEST_JWT_SECRET
+
+    token = mint_token(TEST_JWT_SECRET, "alice")
+    async with (
+        running(app) as asgi,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://gateway.test") as client,
+    ):
+        response = await client.get(
+            "/v1/convai/conversation/get-signed-url",
+            params={"agent_id": "agent_demo"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "upstream_error"
+    assert "Traceback" not in response.text
+
+
+async def test_unexpected_errors_are_500_problems_with_request_id_and_security_headers(
+    gateway: Gateway,
+) -> None:
+    async def explode(request: object) -> None:
+        raise RuntimeError("boom with a secret inside")
+
+    gateway.app.router.routes.append(Route("/explode", explode))
+    response = await gateway.client.get("/explode", headers={"X-Request-ID": "req-123"})
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal_error"
+    assert "secret" not in response.text
+    assert response.headers["x-request-id"] == "req-123"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_security_headers_and_request_id_on_every_response(gateway: Gateway) -> None:
+    for path in ("/healthz", "/nope", "/v1/convai/conversations"):
+        response = await gateway.client.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert len(response.headers["x-request-id"]) >= 8
