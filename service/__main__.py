@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets
 import sys
@@ -97,6 +98,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     configure_logging(settings.log_level)
+    if settings.log_level != "DEBUG":
+        # Keep the banner readable: uvicorn's start/stop lines add nothing for a newcomer.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     token = mint_token(
         env["JWT_HS256_SECRET"],
         DEV_USER,

@@ -11,6 +11,7 @@ Messages never include tokens, keys or signed URLs: callers pass only a reason c
     │   └── ActAsNotAllowed       403 act_as_not_allowed
     ├── NotFound                  404 not_found
     ├── InvalidRequest            422 invalid_request
+    ├── RequestTimeout            408 request_timeout
     ├── PayloadTooLarge           413 payload_too_large
     ├── UnsupportedMediaType      415 unsupported_media_type
     ├── RateLimited               429 rate_limited
@@ -34,7 +35,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
-PROBLEM_TYPE_BASE = "https://convai-gateway.dev/problems/"
+# A URN, not a URL: nothing has to be hosted for the type to stay stable and unique (RFC 9457 3.1.1).
+PROBLEM_TYPE_BASE = "urn:convai-gateway:problem:"
 
 logger = logging.getLogger("service.errors")
 
@@ -122,6 +124,14 @@ class InvalidRequest(GatewayError):
     status = 422
     code = "invalid_request"
     title = "Invalid request"
+
+
+class RequestTimeout(GatewayError):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"
 
 
 class PayloadTooLarge(GatewayError):

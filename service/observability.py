@@ -263,6 +263,7 @@ _RESERVED_ATTRS: Final = frozenset(logging.LogRecord("x", logging.INFO, "x", 0, 
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's ANSI-coloured duplicate of msg
 }
 
 
