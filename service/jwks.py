@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from service.errors import ServiceUnavailable
+from service.settings import is_loopback_host
 
 logger = logging.getLogger("service.jwks")
 
@@ -92,18 +92,6 @@ def safe_url(url: str) -> str:
     if parts.port is not None:
         netloc = f"{netloc}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """Tell whether `host` names the loopback interface."""
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def ttl_from_cache_control(header: str | None) -> float:

@@ -134,6 +134,7 @@ class Settings:
     upstream_read_timeout: float = 10.0
     upstream_audio_read_timeout: float = 60.0
     upstream_max_retries: int = 2
+    request_body_timeout_seconds: float = 10.0
     gateway_config: str | None = None
 
     @property
@@ -223,8 +224,10 @@ def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -
         reader.problems.append(f"{name}: must be a URL with scheme {'/'.join(schemes)}; got {url!r}")
 
 
-def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+def is_loopback_host(host: str | None) -> bool:
+    """Tell whether `host` names the loopback interface."""
+    if host is None:
+        return False
     if host == "localhost":
         return True
     try:
@@ -249,7 +252,7 @@ def _jwks_url(reader: _Reader, name: str, value: str | None) -> str | None:
     if value is None:
         return None
     _check_url(reader, name, value, ("https", "http"))
-    if urlsplit(value).scheme == "http" and not _is_loopback_url(value):
+    if urlsplit(value).scheme == "http" and not is_loopback_host(urlsplit(value).hostname):
         reader.problems.append(f"{name}: must use https (plain http is allowed only on loopback)")
     return value
 
@@ -540,6 +543,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "UPSTREAM_AUDIO_READ_TIMEOUT_SECONDS", 60.0, low=0.05, high=3600
         ),
         upstream_max_retries=reader.integer("UPSTREAM_MAX_RETRIES", 2, low=0, high=5),
+        request_body_timeout_seconds=reader.number("REQUEST_BODY_TIMEOUT_SECONDS", 10.0, low=0.05, high=600),
         gateway_config=reader.raw("GATEWAY_CONFIG"),
     )
     if reader.problems:

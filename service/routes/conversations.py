@@ -223,10 +223,8 @@ async def visible_rows(services: Services, principal: Principal, rows: Any) -> l
 
 async def list_conversations(request: Request) -> Response:
     """List the caller's conversations, filtered and paginated like upstream."""
-    services, principal = services_of(request), principal_of(request)
+    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
     settings = services.settings
-    principal.require_scope(HISTORY_SCOPE)
-    decision = await enforce(services.limiter, settings, "history", user_id=principal.user_id)
     with _rate_headers_on_error(decision):
         sealer = CursorSealer(settings.elevenlabs_api_key.reveal())
         params = list_query(request.query_params, principal, settings.allowed_agent_ids, sealer)
@@ -250,9 +248,7 @@ async def list_conversations(request: Request) -> Response:
 
 async def get_conversation(request: Request) -> Response:
     """Return the caller's conversation, redacted."""
-    services, principal = services_of(request), principal_of(request)
-    principal.require_scope(HISTORY_SCOPE)
-    decision = await enforce(services.limiter, services.settings, "history", user_id=principal.user_id)
+    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
     with _rate_headers_on_error(decision):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         details = await owned_conversation(services, principal, conversation_id)
@@ -261,9 +257,7 @@ async def get_conversation(request: Request) -> Response:
 
 async def get_conversation_audio(request: Request) -> Response:
     """Stream the audio of the caller's conversation from upstream, chunk by chunk."""
-    services, principal = services_of(request), principal_of(request)
-    principal.require_scope(HISTORY_SCOPE)
-    decision = await enforce(services.limiter, services.settings, "history", user_id=principal.user_id)
+    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
     with _rate_headers_on_error(decision):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         await owned_conversation(services, principal, conversation_id)
@@ -354,23 +348,13 @@ async def _watch_disconnect(receive: Receive, gone: anyio.Event, scope: anyio.Ca
 
 async def send_feedback(request: Request) -> Response:
     """Rate the caller's conversation: `{"feedback": "like" | "dislike" | null}`."""
-    services, principal = services_of(request), principal_of(request)
-    principal.require_scope(HISTORY_SCOPE)
-    decision = await enforce(services.limiter, services.settings, "feedback", user_id=principal.user_id)
+    services, principal, decision = await _admit(request, HISTORY_SCOPE, "feedback")
     with _rate_headers_on_error(decision):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         feedback = await _feedback_body(request)
         details = await owned_conversation(services, principal, conversation_id)
         result = await services.upstream.send_feedback(conversation_id, feedback)
-    audit(
-        "feedback_sent",
-        user=principal.user_id,
-        actor=principal.actor,
-        conversation_id=conversation_id,
-        agent_id=details.get("agent_id"),
-        feedback=feedback,
-        request_id=current_request_id(),
-    )
+    _audit("feedback_sent", principal, conversation_id, details, feedback=feedback)
     return _json(result if isinstance(result, dict) else {}, decision)
 
 
@@ -415,9 +399,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 async def delete_conversation(request: Request) -> Response:
     """Delete the caller's conversation upstream and forget it in the ledger."""
-    services, principal = services_of(request), principal_of(request)
-    principal.require_scope(DELETE_SCOPE)
-    decision = await enforce(services.limiter, services.settings, "delete", user_id=principal.user_id)
+    services, principal, decision = await _admit(request, DELETE_SCOPE, "delete")
     with _rate_headers_on_error(decision):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         details = await owned_conversation(services, principal, conversation_id)
@@ -427,14 +409,7 @@ async def delete_conversation(request: Request) -> Response:
     except GatewayError as exc:
         # The conversation is gone upstream; a leftover entry grants nothing and expires with its TTL.
         logger.warning("ledger entry not removed after delete: %s", type(exc).__name__)
-    audit(
-        "conversation_deleted",
-        user=principal.user_id,
-        actor=principal.actor,
-        conversation_id=conversation_id,
-        agent_id=details.get("agent_id"),
-        request_id=current_request_id(),
-    )
+    _audit("conversation_deleted", principal, conversation_id, details)
     return _json(result if isinstance(result, dict) else {}, decision)
 
 
@@ -454,6 +429,28 @@ def _rate_headers_on_error(decision: Decision) -> Any:
 
 def _json(content: Any, decision: Decision) -> JSONResponse:
     return JSONResponse(content, headers={**decision.headers(), **PRIVATE_HEADERS})
+
+
+async def _admit(request: Request, scope: str, route_class: str) -> tuple[Services, Principal, Decision]:
+    # Scope first, then the rate limit: a request the caller may not make costs no budget.
+    services, principal = services_of(request), principal_of(request)
+    principal.require_scope(scope)
+    decision = await enforce(services.limiter, services.settings, route_class, user_id=principal.user_id)
+    return services, principal, decision
+
+
+def _audit(
+    event: str, principal: Principal, conversation_id: str, details: Mapping[str, Any], **fields: Any
+) -> None:
+    audit(
+        event,
+        user=principal.user_id,
+        actor=principal.actor,
+        conversation_id=conversation_id,
+        agent_id=details.get("agent_id"),
+        request_id=current_request_id(),
+        **fields,
+    )
 
 
 routes: list[Route] = [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import validation
-from service.client_ip import client_ip
+from service.auth import Principal
 from service.errors import GatewayError, InvalidRequest, UpstreamError
 from service.ledger import LedgerEntry
 from service.observability import audit, current_request_id
@@ -47,69 +48,81 @@ IGNORED_TOKEN_PARAMS = ("participant_name", "user_id")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A token request that passed scope, parameters, agent allowlist and rate limit, in that order."""
+
+    services: Services
+    principal: Principal
+    agent_id: str
+    branch_id: str | None
+    decision: Decision
+
+
+async def _admit(request: Request, *, ignored: tuple[str, ...] = ()) -> _Admitted:
+    services, principal = services_of(request), principal_of(request)
+    principal.require_scope(SESSION_SCOPE)
+    singles, _ = validation.strict_query(
+        request.query_params, single=("agent_id", "branch_id"), ignored=ignored
+    )
+    agent = validation.agent_id(singles.get("agent_id"))
+    branch = _optional_id(singles, "branch_id")
+    # Before the limiter and the upstream: a refused agent costs nothing and reaches nobody.
+    principal.require_agent(agent, services.settings.allowed_agent_ids)
+    decision = await enforce(
+        services.limiter, services.settings, "session", user_id=principal.user_id, agent_id=agent
+    )
+    return _Admitted(services, principal, agent, branch, decision)
+
+
+def _audit_mint(event: str, request: Request, admitted: _Admitted, conversation_id: str | None) -> None:
+    audit(
+        event,
+        user=admitted.principal.user_id,
+        actor=admitted.principal.actor,
+        agent_id=admitted.agent_id,
+        conversation_id=conversation_id,
+        client_ip=getattr(request.state, "client_ip", None),
+        request_id=current_request_id(),
+    )
+
+
 def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
     """Build the token routes; `clock` (unix seconds) stamps ledger entries and `expires_at`."""
 
     async def get_signed_url(request: Request) -> Response:
         """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
-        services = services_of(request)
-        settings = services.settings
-        principal = principal_of(request)
-        principal.require_scope(SESSION_SCOPE)
-        singles, _ = validation.strict_query(request.query_params, single=("agent_id", "branch_id"))
-        agent = validation.agent_id(singles.get("agent_id"))
-        branch = _optional_id(singles, "branch_id")
-        principal.require_agent(agent, settings.allowed_agent_ids)
-        decision = await enforce(
-            services.limiter, settings, "session", user_id=principal.user_id, agent_id=agent
-        )
+        admitted = await _admit(request)
         try:
-            body = await services.upstream.get_signed_url(agent, branch_id=branch)
+            body = await admitted.services.upstream.get_signed_url(
+                admitted.agent_id, branch_id=admitted.branch_id
+            )
             signed_url = body.get("signed_url") if isinstance(body, dict) else None
             if not isinstance(signed_url, str) or not signed_url:
                 raise UpstreamError("upstream returned no signed URL")
             conversation_id = conversation_id_from(body, signed_url)
             minted_at = int(clock())
-            await _record(services, conversation_id, LedgerEntry(principal.user_id, agent, minted_at))
+            entry = LedgerEntry(admitted.principal.user_id, admitted.agent_id, minted_at)
+            await _record(admitted.services, conversation_id, entry)
         except GatewayError as exc:
-            _add_headers(exc, decision.headers())
+            _add_headers(exc, admitted.decision.headers())
             raise
-        audit(
-            "session_minted",
-            user=principal.user_id,
-            actor=principal.actor,
-            agent_id=agent,
-            conversation_id=conversation_id,
-            client_ip=client_ip(request.scope, settings.trusted_proxies),
-            request_id=getattr(request.state, "request_id", None) or current_request_id(),
-        )
+        _audit_mint("session_minted", request, admitted, conversation_id)
         return _json(
             {
                 "signed_url": signed_url,
                 "conversation_id": conversation_id,
                 "expires_at": minted_at + SIGNED_URL_LIFETIME_SECONDS,
             },
-            decision,
+            admitted.decision,
         )
 
     async def get_token(request: Request) -> Response:
         """Mint a WebRTC conversation token whose participant is the caller."""
-        services = services_of(request)
-        settings = services.settings
-        principal = principal_of(request)
-        principal.require_scope(SESSION_SCOPE)
-        singles, _ = validation.strict_query(
-            request.query_params, single=("agent_id", "branch_id"), ignored=IGNORED_TOKEN_PARAMS
-        )
-        agent = validation.agent_id(singles.get("agent_id"))
-        branch = _optional_id(singles, "branch_id")
-        principal.require_agent(agent, settings.allowed_agent_ids)
-        decision = await enforce(
-            services.limiter, settings, "session", user_id=principal.user_id, agent_id=agent
-        )
+        admitted = await _admit(request, ignored=IGNORED_TOKEN_PARAMS)
         try:
-            body = await services.upstream.get_webrtc_token(
-                agent, participant_name=principal.user_id, branch_id=branch
+            body = await admitted.services.upstream.get_webrtc_token(
+                admitted.agent_id, participant_name=admitted.principal.user_id, branch_id=admitted.branch_id
             )
             token = body.get("token") if isinstance(body, dict) else None
             if not isinstance(token, str) or not token:
@@ -120,24 +133,16 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
             raw_id = body.get("conversation_id")
             conversation_id = raw_id if isinstance(raw_id, str) and validation.is_valid_id(raw_id) else None
             if conversation_id is not None:
-                entry = LedgerEntry(principal.user_id, agent, int(clock()))
-                await _record(services, conversation_id, entry)
+                entry = LedgerEntry(admitted.principal.user_id, admitted.agent_id, int(clock()))
+                await _record(admitted.services, conversation_id, entry)
         except GatewayError as exc:
-            _add_headers(exc, decision.headers())
+            _add_headers(exc, admitted.decision.headers())
             raise
-        audit(
-            "token_minted",
-            user=principal.user_id,
-            actor=principal.actor,
-            agent_id=agent,
-            conversation_id=conversation_id,
-            client_ip=client_ip(request.scope, settings.trusted_proxies),
-            request_id=getattr(request.state, "request_id", None) or current_request_id(),
-        )
+        _audit_mint("token_minted", request, admitted, conversation_id)
         content: dict[str, Any] = {"token": token}
         if conversation_id is not None:
             content["conversation_id"] = conversation_id
-        return _json(content, decision)
+        return _json(content, admitted.decision)
 
     return [
         Route(SIGNED_URL_ROUTE, _no_store(get_signed_url), methods=["GET"], name="get_signed_url"),
