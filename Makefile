@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install dev test check lint format typecheck deploy-check bench clean
+.PHONY: install web-deps dev test check lint format typecheck deploy-check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The web example's packages (playwright-core, @elevenlabs/client) for the browser test, when npm exists.
+WEB := deploy/examples/web
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the web example's browser test will not run (apt-get install nodejs npm)"; fi
+
 install: $(STAMP)
+
+web-deps: $(WEB)/node_modules/.package-lock.json
 
 dev: install
 	$(VENV)/bin/convai-gateway dev
 
-test: install
+test: install web-deps
 	$(PY) -m pytest
 
 lint: install

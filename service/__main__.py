@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import secrets
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service import __version__
 from service.settings import ConfigError, Settings, load_settings
@@ -17,6 +20,15 @@ from service.settings import ConfigError, Settings, load_settings
 EXIT_CONFIG = 2
 DEV_AGENT_ID = "agent_demo"
 DEV_USER = "alice"
+# The web example (deploy/examples/web) is mounted by `dev` only, never by the production app.
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "web"
+EXAMPLE_PREFIX = "/example"
+EXAMPLE_CLIENT_BUNDLE = "node_modules/@elevenlabs/client/dist/lib.iife.js"
+EXAMPLE_SUBJECT = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.types import ASGIApp
 
 
 def _fail(message: str) -> int:
@@ -82,6 +94,59 @@ def _dev_environment(port: int, emulator_port: int) -> dict[str, str]:
     return env
 
 
+def example_app(web_dir: Path, *, gateway_url: str, agent_id: str, mint: Callable[[str], str]) -> Starlette:
+    """Build the dev-only app under /example: the web example page, its config, the client bundle, dev tokens."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+
+    def static(name: str, media_type: str) -> Callable[[Request], Response]:
+        def endpoint(request: Request) -> Response:
+            path = web_dir / name
+            if not path.is_file():
+                return PlainTextResponse(f"{name} is missing: run `npm ci` in {web_dir}", status_code=404)
+            return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+        return endpoint
+
+    def config(request: Request) -> Response:
+        return JSONResponse({"gatewayUrl": gateway_url, "agentId": agent_id})
+
+    def dev_token(request: Request) -> Response:
+        sub = request.query_params.get("sub", "")
+        if not EXAMPLE_SUBJECT.fullmatch(sub):
+            return JSONResponse({"detail": "sub must be 1-64 of A-Z a-z 0-9 _ . @ -"}, status_code=422)
+        return JSONResponse({"token": mint(sub)}, headers={"Cache-Control": "no-store"})
+
+    routes = [
+        Route("/", static("index.html", "text/html; charset=utf-8")),
+        Route("/app.js", static("app.js", "text/javascript; charset=utf-8")),
+        Route("/style.css", static("style.css", "text/css; charset=utf-8")),
+        Route(
+            "/vendor/elevenlabs-client.js", static(EXAMPLE_CLIENT_BUNDLE, "text/javascript; charset=utf-8")
+        ),
+        Route("/config.json", config),
+        Route("/dev-token", dev_token),
+    ]
+    return Starlette(routes=[Mount(EXAMPLE_PREFIX, routes=routes)])
+
+
+def with_example(gateway: ASGIApp, example: ASGIApp) -> ASGIApp:
+    """Return an ASGI app that sends HTTP under /example to `example` and everything else to `gateway`."""
+    from starlette.types import Receive, Scope, Send
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == EXAMPLE_PREFIX or path.startswith(EXAMPLE_PREFIX + "/")):
+            await example(scope, receive, send)
+        else:
+            # The gateway keeps its lifespan, middleware and 404s for everything else.
+            await gateway(scope, receive, send)
+
+    return app
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Run the gateway in front of the embedded emulator and print a dev token and curl lines."""
     import uvicorn
@@ -111,7 +176,26 @@ def cmd_dev(args: argparse.Namespace) -> int:
     )
     base = f"http://127.0.0.1:{args.port}"
     emulator = create_emulator_app(env["ELEVENLABS_API_KEY"], seed=True)
-    gateway = create_app(settings)
+    gateway: ASGIApp = create_app(settings)
+    example_line = ""
+    if EXAMPLE_DIR.is_dir():
+
+        def mint_dev_token(sub: str) -> str:
+            return mint_token(
+                env["JWT_HS256_SECRET"],
+                sub,
+                scopes="convai:session convai:history",
+                ttl=3600,
+                issuer=settings.issuers[0].issuer,
+                audience=(settings.issuers[0].audiences or (None,))[0],
+            )
+
+        page = example_app(EXAMPLE_DIR, gateway_url=base, agent_id=DEV_AGENT_ID, mint=mint_dev_token)
+        gateway = with_example(gateway, page)
+        bundle = (
+            "" if (EXAMPLE_DIR / EXAMPLE_CLIENT_BUNDLE).is_file() else f" (first: cd {EXAMPLE_DIR} && npm ci)"
+        )
+        example_line = f"\nWeb example: http://localhost:{args.port}{EXAMPLE_PREFIX}/{bundle}"
     servers = [
         uvicorn.Server(
             uvicorn.Config(
@@ -141,7 +225,7 @@ curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/get-sig
 curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/token?agent_id={DEV_AGENT_ID}"
 curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversations?page_size=5"
 
-More tokens: JWT_HS256_SECRET={env["JWT_HS256_SECRET"]} convai-gateway token --sub bob
+More tokens: JWT_HS256_SECRET={env["JWT_HS256_SECRET"]} convai-gateway token --sub bob{example_line}
 Press Ctrl+C to stop.
 """
 
