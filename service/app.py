@@ -100,7 +100,9 @@ def create_app(
     if cors is not None:
         middleware.append(cors)
     middleware += [
-        Middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES),
+        Middleware(
+            BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, body_timeout=settings.request_body_timeout_seconds
+        ),
         Middleware(AuthenticationMiddleware, authenticator=authenticator, guard=guard),
     ]
     app = Starlette(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -9,9 +10,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_response
+from service.errors import PayloadTooLarge, RequestTimeout, error_response
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
+DEFAULT_BODY_TIMEOUT_SECONDS: Final = 10.0
 HSTS_MAX_AGE_SECONDS: Final = 63_072_000  # two years, the preload-list minimum is one
 
 _API_SECURITY_HEADERS: Final = (
@@ -81,18 +83,42 @@ class _BodyTooLarge(PayloadTooLarge):
     """Raised from the wrapped `receive` when the streamed body passes the limit."""
 
 
-class BodyLimitMiddleware:
-    """Reject request bodies over `max_bytes` with a 413 problem, by Content-Length and by counting chunks."""
+class _BodyTimeout(RequestTimeout):
+    """Raised from the wrapped `receive` when the body has not fully arrived by the deadline."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        """Wrap `app` with a body limit of `max_bytes`."""
+
+class BodyLimitMiddleware:
+    """Reject request bodies over `max_bytes` (413) or not received within `body_timeout` seconds (408).
+
+    uvicorn has no request-body read timeout, so a client trickling its body byte by byte (slowloris)
+    would hold a connection and a request task for as long as it likes; the deadline bounds that.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT_SECONDS,
+    ) -> None:
+        """Wrap `app` with a body limit of `max_bytes` and a whole-body deadline (None: no deadline)."""
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
+        if body_timeout is not None and body_timeout <= 0:
+            raise ValueError("body_timeout must be > 0")
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     def _error(self) -> _BodyTooLarge:
         return _BodyTooLarge(f"the request body is larger than {self.max_bytes} bytes")
+
+    def _timeout(self) -> _BodyTimeout:
+        # Connection: close, so the server drops the unread rest of the body instead of parsing it.
+        return _BodyTimeout(
+            f"the request body was not received within {self.body_timeout:g} s",
+            headers={"Connection": "close"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -100,7 +126,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             # Answer before reading a byte of it.
             await error_response(self._error())(scope, receive, send)
@@ -108,10 +135,23 @@ class BodyLimitMiddleware:
 
         received = 0
         response_started = False
+        # Only a request that announces a body gets a deadline: a bodyless request's later receive()
+        # calls wait for the disconnect (e.g. while audio streams) and must never time out.
+        has_body = "transfer-encoding" in headers or (declared is not None and declared not in ("", "0"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout if has_body and self.body_timeout is not None else None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise self._timeout() from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                deadline = None  # the body is complete (or the client left): no deadline from here on
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -126,7 +166,7 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge as exc:
+        except (_BodyTooLarge, _BodyTimeout) as exc:
             # Usually the app's GatewayError handler has already answered; this covers apps without one.
             if response_started:
                 raise

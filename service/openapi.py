@@ -106,10 +106,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             _query("cursor", {"type": "string", "maxLength": 2048}),
             _query("agent_id", _ID),
             _query("call_successful", {"type": "string", "enum": ["success", "failure", "unknown"]}),
-            _query("call_start_before_unix", {"type": "integer", "minimum": 0}),
-            _query("call_start_after_unix", {"type": "integer", "minimum": 0}),
-            _query("call_duration_min_secs", {"type": "integer", "minimum": 0}),
-            _query("call_duration_max_secs", {"type": "integer", "minimum": 0}),
+            # The maxima are the gateway's own bounds (service.routes.conversations._INTEGER_BOUNDS).
+            _query("call_start_before_unix", {"type": "integer", "minimum": 0, "maximum": 10**11}),
+            _query("call_start_after_unix", {"type": "integer", "minimum": 0, "maximum": 10**11}),
+            _query("call_duration_min_secs", {"type": "integer", "minimum": 0, "maximum": 10**9}),
+            _query("call_duration_max_secs", {"type": "integer", "minimum": 0, "maximum": 10**9}),
             _query("rating_min", {"type": "integer", "minimum": 1, "maximum": 5}),
             _query("rating_max", {"type": "integer", "minimum": 1, "maximum": 5}),
             _query("has_feedback_comment", {"type": "boolean"}),
@@ -120,13 +121,16 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             ),
             _repeated(
                 "data_collection_params",
-                "^[A-Za-z0-9_-]{1,128}:(eq|neq|gt|gte|lt|lte|in|exists|missing)(:.{0,200})?$",
+                # exists/missing take no value, gt/gte/lt/lte a number (upstream rejects anything else),
+                # in 1..200 characters of non-empty |-separated items.
+                "^[A-Za-z0-9_-]{1,128}:(exists|missing|(eq|neq):[^\\x00-\\x1f\\x7f]{1,200}"
+                "|(gt|gte|lt|lte):-?[0-9]{1,20}(\\.[0-9]{1,20})?|in:[^\\x00-\\x1f\\x7f|](\\|?[^\\x00-\\x1f\\x7f|]){0,99})$",
                 "id:op:value; `in` takes pipe-delimited values",
             ),
-            _repeated("tool_names", "^.{1,128}$", "tool names used during the call"),
+            _repeated("tool_names", "^[^\\x00-\\x1f\\x7f]{1,128}$", "tool names used during the call"),
             _query("page_size", {"type": "integer", "minimum": 1, "maximum": 100}),
             _query("summary_mode", {"type": "string", "enum": ["exclude", "include"]}),
-            _query("search", {"type": "string", "maxLength": 200}),
+            _query("search", {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]{0,200}$"}),
         ),
         responses={
             "200": _json(

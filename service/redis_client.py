@@ -1,7 +1,8 @@
 """Build the process's one Redis client from `RedisTopology`: a URL, a Sentinel group, or a Cluster.
 
-Every client gets short socket and connect timeouts and no retries: redis-py's default retries a
-timed-out command three times with back-off, which would turn a 100 ms budget into seconds. The rate
+Every client gets short socket and connect timeouts and never retries a timeout: redis-py's default
+retries a timed-out command three times with back-off, which would turn a 100 ms budget into seconds.
+A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). The rate
 limiter's circuit breaker decides what happens when Redis is slow or gone; the ledger fails closed.
 Clients connect lazily, so building one does not need a running event loop or a reachable server.
 """
@@ -16,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.settings import RedisTopology
 
@@ -23,12 +25,17 @@ from service.settings import RedisTopology
 _SENTINEL_ATTR = "_convai_sentinel"
 
 
-def _no_retry() -> Retry:
-    return Retry(NoBackoff(), 0)
+def _retry_policy() -> Retry:
+    # Pooled connections that went stale while Redis restarted are not noticed by redis-py 8 (its
+    # liveness check is skipped while maintenance notifications are "auto"), so the first command on each
+    # fails with "Connection closed by server": without this retry a Redis restart costs one failed
+    # request per pooled connection, and three in a row reopen the limiter's circuit. Timeouts are never
+    # retried (the budget holds); against a Redis that is down both attempts are refused at once.
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 def _timeouts(timeout: float) -> dict[str, Any]:
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _no_retry()}
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
 
 
 def create_redis(topology: RedisTopology, *, timeout: float) -> Any:

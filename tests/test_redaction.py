@@ -412,3 +412,47 @@ def test_extra_paths_remove_dotted_paths_with_wildcards_and_ignore_absent_ones()
         "list": [1, 3],
     }
     assert details["transcript"][0]["feedback"] == {"score": "like"}
+
+
+# REDACT_FIELDS: whatever document and whichever path an operator names (wildcards included), the value at
+# that path never comes out. Added with the reliability suite (issue 9).
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet="xyz", max_size=4),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.sampled_from("xyz"), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@st.composite
+def document_with_secret_at_a_path(draw: Draw) -> tuple[dict[str, Any], str, str]:
+    """Draw a document holding a secret marker at a random path, and a dotted path (maybe wildcarded) to it."""
+    marker = draw(secret)
+    depth = draw(st.integers(1, 5))
+    segments: list[str | int] = [draw(st.sampled_from("abc"))]
+    for _ in range(depth - 1):
+        segments.append(draw(st.one_of(st.sampled_from("abc"), st.integers(0, 3))))
+    value: Any = marker
+    for segment in reversed(segments):
+        if isinstance(segment, int):
+            items = draw(st.lists(junk, min_size=segment + 1, max_size=segment + 3))
+            items[segment] = value
+            value = items
+        else:
+            siblings = draw(st.dictionaries(st.sampled_from("abcxyz"), junk, max_size=3))
+            siblings[segment] = value
+            value = siblings
+    dotted = ".".join("*" if draw(st.booleans()) and i else str(s) for i, s in enumerate(segments))
+    return value, dotted, marker
+
+
+@settings(max_examples=300, deadline=None)
+@given(document_with_secret_at_a_path())
+def test_redact_fields_never_let_the_named_path_through(case: tuple[dict[str, Any], str, str]) -> None:
+    details, dotted, marker = case
+    original = copy.deepcopy(details)
+    assert marker in json.dumps(details)
+    redacted = redact(details, (dotted,))
+    assert marker not in json.dumps(redacted), dotted
+    assert details == original, "redact must not mutate its input"

@@ -19,13 +19,14 @@ from tests.ratelimit.conftest import policy
 from tests.support.servers import RedisServer, free_port
 
 
-async def test_url_client_has_short_timeouts_and_no_retries(redis_url: str) -> None:
+async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url: str) -> None:
     client = create_redis(RedisTopology(url=redis_url), timeout=0.25)
     try:
         assert isinstance(client, Redis)
         kwargs = client.connection_pool.connection_kwargs
         assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
-        assert kwargs["retry"].get_retries() == 0
+        # One immediate reconnect after a connection error (stale pooled connection), never a timeout retry.
+        assert kwargs["retry"].get_retries() == 1
         assert await client.ping()
         decision = await RedisRateLimiter(client).acquire([Hit(policy(), "user:url")])
         assert decision.allowed
@@ -86,7 +87,7 @@ async def test_sentinel_topology_resolves_the_master(
     try:
         attached = getattr(client, "_convai_sentinel", None)
         assert isinstance(attached, Sentinel)
-        assert attached.sentinels[0].connection_pool.connection_kwargs["retry"].get_retries() == 0
+        assert attached.sentinels[0].connection_pool.connection_kwargs["retry"].get_retries() == 1
         assert await client.ping()
         assert (await RedisRateLimiter(client).acquire([Hit(policy(), "user:sentinel")])).allowed
         with redis_server.client() as admin:
