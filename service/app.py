@@ -15,7 +15,7 @@ from service.auth import AuthenticationMiddleware, Authenticator
 from service.errors import EXCEPTION_HANDLERS, UnhandledErrorMiddleware
 from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
 from service.ledger import build_ledger
-from service.observability import Metrics, RequestContextMiddleware, metrics_endpoint
+from service.observability import Metrics, RequestContextMiddleware, configure_logging, metrics_endpoint
 from service.ratelimit import IpAuthFailureGuard, build_rate_limiter
 from service.redis_client import close_redis, create_redis
 from service.routes import conversations, health, sessions
@@ -119,4 +119,7 @@ def create_app(
 
 def app_from_environment() -> Starlette:
     """Build the app from the process environment (the `serve` command's uvicorn factory)."""
-    return create_app(load_settings())
+    settings = load_settings()
+    # uvicorn spawns each worker afresh, so the parent's logging set-up does not reach it.
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,7 +1,8 @@
-"""`convai-gateway serve`: several workers share metrics, and SIGTERM lets in-flight requests finish."""
+"""`convai-gateway serve`: several workers share metrics and log, and SIGTERM lets in-flight requests finish."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +21,20 @@ from service.dev_tokens import mint_token
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import TEST_JWT_SECRET, gateway_env
 from tests.support.servers import free_port
+
+
+@dataclass
+class Served:
+    """A running `serve --workers 2` process."""
+
+    base: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self) -> int:
+        """Send SIGTERM and return the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=20)
 
 
 def wait_until_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -34,66 +51,74 @@ def wait_until_ready(base: str, process: subprocess.Popen[bytes], timeout: float
 
 
 @pytest.fixture
-def served(
-    emulator_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served]:
     port = free_port()
+    log_path = tmp_path / "serve.log"
     env = {
         **{
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "PROMETHEUS_"))
         },
-        **gateway_env(emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="WARNING"),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
+        **gateway_env(emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="INFO"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--graceful-timeout",
-            "15",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    (tmp_path / "metrics").mkdir()
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--graceful-timeout",
+                "15",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(base, process)
+            yield Served(base, process, log_path)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=20)
+
+
+def test_workers_share_one_set_of_metrics(served: Served) -> None:
+    for _ in range(40):
+        # A fresh connection each time, so the kernel spreads requests over both workers.
+        assert httpx.get(f"{served.base}/healthz").status_code == 200
+    text = httpx.get(f"{served.base}/metrics").text
+    total = sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "convai_gateway_http_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("route") == "/healthz"
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, process)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=20)
-
-
-def test_workers_share_one_set_of_metrics(served: tuple[str, subprocess.Popen[bytes]]) -> None:
-    base, _ = served
-    with httpx.Client(base_url=base) as client:
-        for _ in range(40):
-            # A fresh connection each time, so the kernel spreads requests over both workers.
-            assert httpx.get(f"{base}/healthz").status_code == 200
-        text = client.get("/metrics").text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "convai_gateway_http_requests":
-            for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels.get("route") == "/healthz":
-                    total += sample.value
     assert total == 40
 
 
-def test_sigterm_lets_in_flight_requests_finish(
-    served: tuple[str, subprocess.Popen[bytes]], emulator_url: str
-) -> None:
-    base, process = served
+def test_workers_write_structured_access_logs(served: Served) -> None:
+    for _ in range(10):
+        assert httpx.get(f"{served.base}/healthz").status_code == 200
+    assert served.stop() == 0
+    lines = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+    access = [
+        line for line in lines if line["logger"] == "convai_gateway.access" and line["route"] == "/healthz"
+    ]
+    assert len(access) == 10
+
+
+def test_sigterm_lets_in_flight_requests_finish(served: Served, emulator_url: str) -> None:
     httpx.post(
         f"{emulator_url}/_emulator/faults",
         json={"endpoint": "list", "kind": "slow", "delay_seconds": 1.5, "times": 1},
@@ -105,7 +130,9 @@ def test_sigterm_lets_in_flight_requests_finish(
     def slow_request() -> None:
         try:
             response = httpx.get(
-                f"{base}/v1/convai/conversations", headers={"Authorization": f"Bearer {token}"}, timeout=20
+                f"{served.base}/v1/convai/conversations",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=20,
             )
             result["status"] = response.status_code
         except httpx.HTTPError as exc:
@@ -118,7 +145,7 @@ def test_sigterm_lets_in_flight_requests_finish(
     while not httpx.get(f"{emulator_url}/_emulator/requests").json():
         assert time.monotonic() < deadline, "request never reached upstream"
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    exit_status = served.stop()
     thread.join(timeout=20)
     assert result == {"status": 200}
-    assert process.wait(timeout=20) == 0
+    assert exit_status == 0
