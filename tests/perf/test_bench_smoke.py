@@ -1,0 +1,73 @@
+"""A few seconds of the real benchmark machinery against the gateway and the bare proxy (never a speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from tests.perf.bench import ENDPOINTS, parse_options, run, table
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_quick_bench_measures_gateway_and_bare_proxy_and_writes_json(tmp_path: Path) -> None:
+    options = parse_options(
+        [
+            "--quick",
+            "--soak-requests",
+            "1000",
+            "--soak-warmup",
+            "200",
+            "--only",
+            "gateway,bare",
+            "--concurrency",
+            "10",
+            "--warmup",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    options.quiet = True
+
+    result, path = run(options)
+
+    data = json.loads(path.read_text())
+    cells = {(cell["target"], cell["endpoint"]): cell for cell in data["results"]}
+    assert set(cells) == {(target, endpoint) for target in ("gateway", "bare") for endpoint in ENDPOINTS}
+    for cell in cells.values():
+        assert cell["concurrency"] == 10
+        assert cell["requests"] > 10
+        assert cell["errors"] == 0, cell
+        assert cell["requests_per_second"] > 0
+        assert 0 < cell["p50_ms"] <= cell["p99_ms"] < 10_000
+        assert cell["cpu_us_per_request"] > 0
+    # Ratios are reported against the bare proxy (whatever they are) and named per endpoint.
+    assert {(r["endpoint"], r["reference"]) for r in data["ratios"]} == {(e, "bare") for e in ENDPOINTS}
+    assert all(r["throughput_ratio"] > 0 for r in data["ratios"])
+    soak = data["soak"]
+    assert soak["requests"] >= 1_000 and soak["errors"] == 0
+    assert soak["rss_before_kib"] > 0 and soak["rss_after_kib"] > 0
+    # The gateway really ran with logging on: one access line per request at least.
+    assert data["meta"]["gateway_log_lines"]["gateway"] >= soak["requests"]
+    assert "raised" in data["meta"]["gateway_rate_limits"]
+    assert "gateway" in table(result) and "bare" in table(result)
+    # The chart comes with matplotlib (the `bench` extra); without it the JSON says there is none.
+    chart = path.with_suffix(".png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert data["meta"]["chart"] == chart.name
+    else:
+        assert not chart.exists() and "chart" not in data["meta"]
+    # Every process the run started is gone.
+    pids = [pid for pid in data["meta"]["processes"].values() if pid]
+    assert len(pids) >= 4
+    assert not [pid for pid in pids if _alive(pid)]
