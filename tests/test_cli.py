@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import jwt
 import pytest
 
-from tests.support.servers import free_port
+from tests.support.dev_command import running_dev_command
 
 SECRET = "cli-secret-0123456789abcdef0123456789abcdef"
 VALID_ENV = {
@@ -95,29 +95,8 @@ def test_token_refuses_a_missing_or_short_secret() -> None:
 
 @pytest.fixture
 def dev_process() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    port, emulator_port = free_port(), free_port()
-    clean = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "ALLOWED_"))
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "dev", "--port", str(port), "--emulator-port", str(emulator_port)],
-        env={**clean, "LOG_LEVEL": "WARNING"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl+C"):
-                break
-        yield process, lines
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        process.stdout.close()
+    with running_dev_command() as dev:
+        yield dev.process, dev.lines
 
 
 def test_dev_prints_a_token_and_three_curl_lines_that_work(

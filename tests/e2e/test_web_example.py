@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ from service.app import create_app
 from service.dev_tokens import mint_token
 from service.emulator import create_emulator_app
 from service.settings import load_settings
-from tests.support.servers import ServedApp, free_port
+from tests.support.dev_command import running_dev_command
+from tests.support.servers import ServedApp
 
 REPO = Path(__file__).resolve().parents[2]
 FLOW = Path(__file__).with_name("browser_flow.mjs")
@@ -205,29 +205,8 @@ def test_browser_talks_to_an_agent_lists_its_history_and_sends_feedback_without_
 @pytest.fixture
 def dev_command() -> Iterator[tuple[int, list[str]]]:
     """Run `convai-gateway dev` on free ports; yield its gateway port and banner lines."""
-    port, emulator_port = free_port(), free_port()
-    clean = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "ALLOWED_"))
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "dev", "--port", str(port), "--emulator-port", str(emulator_port)],
-        env={**clean, "LOG_LEVEL": "WARNING"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Press Ctrl+C"):
-                break
-        yield port, lines
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        process.stdout.close()
+    with running_dev_command() as dev:
+        yield dev.port, dev.lines
 
 
 def test_dev_command_serves_the_example_page_with_cors_and_dev_tokens(

@@ -1,0 +1,50 @@
+"""Run `convai-gateway dev` as a real subprocess on free ports, as a newcomer would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tests.support.servers import free_port
+
+# Variables a developer may have exported that would change what `dev` does.
+_PRIVATE_PREFIXES = ("ELEVENLABS_", "JWT_", "REDIS_", "ALLOWED_")
+
+
+@dataclass
+class DevCommand:
+    """A running `dev` command: its process, gateway port, and the banner it printed."""
+
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str]
+
+
+@contextlib.contextmanager
+def running_dev_command() -> Iterator[DevCommand]:
+    """Start `python -m service dev`, wait for its banner (printed once both servers listen), stop it after."""
+    port, emulator_port = free_port(), free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "dev", "--port", str(port), "--emulator-port", str(emulator_port)],
+        env={**clean, "LOG_LEVEL": "WARNING"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("Press Ctrl+C"):
+                break
+        yield DevCommand(process, port, lines)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        process.stdout.close()
