@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from service import __version__
 from service.openapi import build_document
-from service.state import services_of
+from service.state import Services, services_of
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -21,7 +21,7 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"}, headers=_NO_STORE)
 
 
-async def _redis_check(services: Any) -> dict[str, Any]:
+async def _redis_check(services: Services) -> dict[str, Any]:
     if services.redis is None:
         return {
             "ok": True,
