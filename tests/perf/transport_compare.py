@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -32,6 +31,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+
+from tests.perf.load import parse_wrk
 
 API_KEY = "xi-bench-key-0123456789abcdef0123456789"
 ROUTE = "/v1/convai/conversation/get-signed-url?agent_id=agent_demo"
@@ -159,16 +160,6 @@ class Result:
     errors: int
 
 
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def _wrk_latency(output: str, percentile: str) -> float:
-    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no {percentile}% latency in wrk output:\n{output}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
 def load_with_wrk(url: str, concurrency: int, duration: float) -> Result:
     """Drive `url` with wrk (one thread) and parse its summary."""
     wrk = shutil.which("wrk")
@@ -179,17 +170,8 @@ def load_with_wrk(url: str, concurrency: int, duration: float) -> Result:
         capture_output=True,
         text=True,
     ).stdout
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if rps is None:
-        raise RuntimeError(f"no Requests/sec in wrk output:\n{output}")
-    errors = 0
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    if non_2xx:
-        errors += int(non_2xx.group(1))
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    if socket_errors:
-        errors += sum(int(n) for n in socket_errors.groups())
-    return Result(float(rps.group(1)), _wrk_latency(output, "50"), _wrk_latency(output, "99"), errors)
+    measured = parse_wrk(output)
+    return Result(measured.requests_per_second, measured.p50_ms, measured.p99_ms, measured.errors)
 
 
 async def _load_with_asyncio(url: str, concurrency: int, duration: float) -> Result:
