@@ -79,11 +79,9 @@ _REDIS_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
-# KEYS: one GCRA key per policy. ARGV[1]: now in microseconds, or "" to use Redis TIME.
-# ARGV[2+3(i-1) ..]: emission interval (us), burst, shadow ("1"/"0") of policy i.
-# Reply: {all_allowed, then per policy: allowed, remaining, reset_after_us, retry_after_us}. Floats are
-# returned as strings because Redis truncates Lua numbers to integers.
-ACQUIRE_SCRIPT = """
+# Both scripts start here: `now` in microseconds is ARGV[1], or Redis TIME when ARGV[1] is "" (one clock for
+# every gateway process).
+_LUA_NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
 local now
 if ARGV[1] == '' then
@@ -92,6 +90,15 @@ if ARGV[1] == '' then
 else
   now = tonumber(ARGV[1])
 end
+"""
+
+# KEYS: one GCRA key per policy. ARGV[1]: now in microseconds, or "" to use Redis TIME.
+# ARGV[2+3(i-1) ..]: emission interval (us), burst, shadow ("1"/"0") of policy i.
+# Reply: {all_allowed, then per policy: allowed, remaining, reset_after_us, retry_after_us}. Floats are
+# returned as strings because Redis truncates Lua numbers to integers.
+ACQUIRE_SCRIPT = (
+    _LUA_NOW
+    + """
 local eps = 1.0
 local out = {1}
 local new_tats = {}
@@ -133,18 +140,13 @@ else
 end
 return out
 """
+)
 
 # Returns one admitted request per key (Cluster only: undoes a reservation of a request another slot
 # rejected). KEYS: keys to refund. ARGV[1]: now (us) or "". ARGV[1+i]: emission interval of key i.
-REFUND_SCRIPT = """
-if redis.replicate_commands then redis.replicate_commands() end
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+REFUND_SCRIPT = (
+    _LUA_NOW
+    + """
 for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]))
   if tat then
@@ -160,6 +162,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+)
 
 
 # ---------------------------------------------------------------------------------------------- values
