@@ -24,9 +24,10 @@ Messages never include tokens, keys or signed URLs: callers pass only a reason c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from starlette.exceptions import HTTPException
@@ -205,6 +206,17 @@ class UpstreamRejected(UpstreamError):
     status = 422
     code = "upstream_rejected"
     title = "Invalid request"
+
+
+@contextlib.contextmanager
+def headers_on_error(headers: Mapping[str, str]) -> Iterator[None]:
+    """Add `headers` (without overwriting) to any GatewayError raised in the block, then re-raise it."""
+    try:
+        yield
+    except GatewayError as exc:
+        for name, value in headers.items():
+            exc.headers.setdefault(name, value)
+        raise
 
 
 def problem_response(

@@ -37,10 +37,11 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
     UpstreamError,
+    headers_on_error,
 )
 from service.observability import audit, current_request_id
 from service.ownership import agent_visible, grants, owned_conversation
-from service.ratelimit import Decision, enforce
+from service.ratelimit import enforce
 from service.redaction import redact
 from service.state import principal_of, services_of
 
@@ -223,9 +224,9 @@ async def visible_rows(services: Services, principal: Principal, rows: Any) -> l
 
 async def list_conversations(request: Request) -> Response:
     """List the caller's conversations, filtered and paginated like upstream."""
-    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
+    services, principal, headers = await _admit(request, HISTORY_SCOPE, "history")
     settings = services.settings
-    with _rate_headers_on_error(decision):
+    with headers_on_error(headers):
         sealer = CursorSealer(settings.elevenlabs_api_key.reveal())
         params = list_query(request.query_params, principal, settings.allowed_agent_ids, sealer)
         page = await services.upstream.list_conversations(params)
@@ -240,7 +241,7 @@ async def list_conversations(request: Request) -> Response:
             if isinstance(next_cursor, str) and next_cursor
             else None
         )
-    return _json(body, decision)
+    return _json(body, headers)
 
 
 # ----------------------------------------------------------------------------------- one conversation
@@ -248,17 +249,17 @@ async def list_conversations(request: Request) -> Response:
 
 async def get_conversation(request: Request) -> Response:
     """Return the caller's conversation, redacted."""
-    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
-    with _rate_headers_on_error(decision):
+    services, principal, headers = await _admit(request, HISTORY_SCOPE, "history")
+    with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         details = await owned_conversation(services, principal, conversation_id)
-    return _json(redact(details, services.settings.redact_fields), decision)
+    return _json(redact(details, services.settings.redact_fields), headers)
 
 
 async def get_conversation_audio(request: Request) -> Response:
     """Stream the audio of the caller's conversation from upstream, chunk by chunk."""
-    services, principal, decision = await _admit(request, HISTORY_SCOPE, "history")
-    with _rate_headers_on_error(decision):
+    services, principal, headers = await _admit(request, HISTORY_SCOPE, "history")
+    with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         await owned_conversation(services, principal, conversation_id)
         stack = contextlib.AsyncExitStack()
@@ -267,7 +268,6 @@ async def get_conversation_audio(request: Request) -> Response:
         except BaseException:
             await stack.aclose()
             raise
-    headers = {**decision.headers(), **PRIVATE_HEADERS}
     if audio.content_length is not None and audio.content_length >= 0:
         headers["Content-Length"] = str(audio.content_length)
     content_type = audio.content_type if _CONTENT_TYPE.fullmatch(audio.content_type or "") else None
@@ -348,14 +348,14 @@ async def _watch_disconnect(receive: Receive, gone: anyio.Event, scope: anyio.Ca
 
 async def send_feedback(request: Request) -> Response:
     """Rate the caller's conversation: `{"feedback": "like" | "dislike" | null}`."""
-    services, principal, decision = await _admit(request, HISTORY_SCOPE, "feedback")
-    with _rate_headers_on_error(decision):
+    services, principal, headers = await _admit(request, HISTORY_SCOPE, "feedback")
+    with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         feedback = await _feedback_body(request)
         details = await owned_conversation(services, principal, conversation_id)
         result = await services.upstream.send_feedback(conversation_id, feedback)
     _audit("feedback_sent", principal, conversation_id, details, feedback=feedback)
-    return _json(result if isinstance(result, dict) else {}, decision)
+    return _json(result if isinstance(result, dict) else {}, headers)
 
 
 async def _feedback_body(request: Request) -> str | None:
@@ -399,8 +399,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 async def delete_conversation(request: Request) -> Response:
     """Delete the caller's conversation upstream and forget it in the ledger."""
-    services, principal, decision = await _admit(request, DELETE_SCOPE, "delete")
-    with _rate_headers_on_error(decision):
+    services, principal, headers = await _admit(request, DELETE_SCOPE, "delete")
+    with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         details = await owned_conversation(services, principal, conversation_id)
         result = await services.upstream.delete_conversation(conversation_id)
@@ -410,33 +410,25 @@ async def delete_conversation(request: Request) -> Response:
         # The conversation is gone upstream; a leftover entry grants nothing and expires with its TTL.
         logger.warning("ledger entry not removed after delete: %s", type(exc).__name__)
     _audit("conversation_deleted", principal, conversation_id, details)
-    return _json(result if isinstance(result, dict) else {}, decision)
+    return _json(result if isinstance(result, dict) else {}, headers)
 
 
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _rate_headers_on_error(decision: Decision) -> Any:
-    """Add the rate-limit and privacy headers to any GatewayError raised in the block."""
-    try:
-        yield
-    except GatewayError as exc:
-        for name, value in {**decision.headers(), **PRIVATE_HEADERS}.items():
-            exc.headers.setdefault(name, value)
-        raise
+def _json(content: Any, headers: Mapping[str, str]) -> JSONResponse:
+    return JSONResponse(content, headers=headers)
 
 
-def _json(content: Any, decision: Decision) -> JSONResponse:
-    return JSONResponse(content, headers={**decision.headers(), **PRIVATE_HEADERS})
-
-
-async def _admit(request: Request, scope: str, route_class: str) -> tuple[Services, Principal, Decision]:
+async def _admit(
+    request: Request, scope: str, route_class: str
+) -> tuple[Services, Principal, dict[str, str]]:
+    """Check the scope, then the rate limit; return the response headers every outcome of the request carries."""
     # Scope first, then the rate limit: a request the caller may not make costs no budget.
     services, principal = services_of(request), principal_of(request)
     principal.require_scope(scope)
     decision = await enforce(services.limiter, services.settings, route_class, user_id=principal.user_id)
-    return services, principal, decision
+    return services, principal, {**decision.headers(), **PRIVATE_HEADERS}
 
 
 def _audit(

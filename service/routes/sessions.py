@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from service import validation
 from service.auth import Principal
-from service.errors import GatewayError, InvalidRequest, UpstreamError
+from service.errors import InvalidRequest, UpstreamError, headers_on_error
 from service.ledger import LedgerEntry
 from service.observability import audit, current_request_id
 from service.ratelimit import Decision, enforce
@@ -93,7 +93,7 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
     async def get_signed_url(request: Request) -> Response:
         """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
         admitted = await _admit(request)
-        try:
+        with headers_on_error(admitted.decision.headers()):
             body = await admitted.services.upstream.get_signed_url(
                 admitted.agent_id, branch_id=admitted.branch_id
             )
@@ -104,9 +104,6 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
             minted_at = int(clock())
             entry = LedgerEntry(admitted.principal.user_id, admitted.agent_id, minted_at)
             await _record(admitted.services, conversation_id, entry)
-        except GatewayError as exc:
-            _add_headers(exc, admitted.decision.headers())
-            raise
         _audit_mint("session_minted", request, admitted, conversation_id)
         return _json(
             {
@@ -120,7 +117,7 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
     async def get_token(request: Request) -> Response:
         """Mint a WebRTC conversation token whose participant is the caller."""
         admitted = await _admit(request, ignored=IGNORED_TOKEN_PARAMS)
-        try:
+        with headers_on_error(admitted.decision.headers()):
             body = await admitted.services.upstream.get_webrtc_token(
                 admitted.agent_id, participant_name=admitted.principal.user_id, branch_id=admitted.branch_id
             )
@@ -135,9 +132,6 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
             if conversation_id is not None:
                 entry = LedgerEntry(admitted.principal.user_id, admitted.agent_id, int(clock()))
                 await _record(admitted.services, conversation_id, entry)
-        except GatewayError as exc:
-            _add_headers(exc, admitted.decision.headers())
-            raise
         _audit_mint("token_minted", request, admitted, conversation_id)
         content: dict[str, Any] = {"token": token}
         if conversation_id is not None:
@@ -186,19 +180,11 @@ def _optional_id(singles: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def _add_headers(exc: GatewayError, headers: Mapping[str, str]) -> None:
-    for name, value in headers.items():
-        exc.headers.setdefault(name, value)
-
-
 def _no_store(handler: Handler) -> Handler:
     # Token routes must never be cached, errors included (DESIGN section 1).
     async def wrapped(request: Request) -> Response:
-        try:
+        with headers_on_error(NO_STORE_HEADERS):
             response = await handler(request)
-        except GatewayError as exc:
-            _add_headers(exc, NO_STORE_HEADERS)
-            raise
         response.headers.update(NO_STORE_HEADERS)
         return response
 
