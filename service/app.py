@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -26,16 +25,10 @@ from service.upstream import UpstreamClient, create_http_client
 MAX_BODY_BYTES = 16 * 1024
 
 
-def create_app(
-    settings: Settings,
-    *,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
-    jwks_transport: httpx.AsyncBaseTransport | None = None,
-    metrics: Metrics | None = None,
-) -> Starlette:
-    """Build the gateway ASGI app; the transports let tests route upstream/JWKS calls in-process."""
-    metrics = metrics or Metrics()
-    authenticator = Authenticator(settings, transport=jwks_transport, on_jwks_refresh=metrics.jwks_refresh)
+def create_app(settings: Settings) -> Starlette:
+    """Build the gateway ASGI app from validated settings."""
+    metrics = Metrics()
+    authenticator = Authenticator(settings, on_jwks_refresh=metrics.jwks_refresh)
     # Redis clients connect lazily, so building them here (outside the event loop) is safe; the lifespan
     # closes them. The limiter must exist before the middleware stack is built: the failed-auth guard uses it.
     redis = (
@@ -59,7 +52,7 @@ def create_app(
             # redis-py's async cluster client fails commands that race its first topology discovery;
             # with retries off (the breaker decides) that must happen before traffic, once.
             await redis.initialize()
-        http = create_http_client(settings, transport=upstream_transport)
+        http = create_http_client(settings)
         upstream = UpstreamClient(
             http,
             max_retries=settings.upstream_max_retries,
