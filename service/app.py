@@ -20,7 +20,7 @@ from service.redis_client import close_redis, create_redis
 from service.routes import conversations, health, sessions
 from service.settings import Settings, load_settings
 from service.state import Services
-from service.upstream import UpstreamClient, create_http_client
+from service.upstream import UpstreamClient, create_http_client, create_transport
 
 MAX_BODY_BYTES = 16 * 1024
 
@@ -52,9 +52,11 @@ def create_app(settings: Settings) -> Starlette:
             # redis-py's async cluster client fails commands that race its first topology discovery;
             # with retries off (the breaker decides) that must happen before traffic, once.
             await redis.initialize()
-        http = create_http_client(settings)
+        transport = create_transport()
+        http = create_http_client(settings, transport=transport)
         upstream = UpstreamClient(
             http,
+            transport=transport,
             max_retries=settings.upstream_max_retries,
             audio_read_timeout=settings.upstream_audio_read_timeout,
             observe=metrics.observe_upstream,

@@ -30,6 +30,8 @@ from service.errors import (
 )
 from service.settings import Secret, Settings
 from service.upstream import (
+    EAGER_BODY_BYTES,
+    READ_WHOLE_BODY,
     AiohttpUpstreamTransport,
     TransportKind,
     UpstreamClient,
@@ -129,7 +131,8 @@ async def harness(
         upstream_connect_timeout=2.0,
         upstream_read_timeout=read_timeout,
     )
-    http = create_http_client(settings, transport=create_transport(kind))
+    transport = create_transport(kind)
+    http = create_http_client(settings, transport=transport)
     sleeps: list[float] = []
     observed: list[tuple[str, str, float]] = []
 
@@ -138,6 +141,7 @@ async def harness(
 
     client = UpstreamClient(
         http,
+        transport=transport,  # as the app wires it: calls go straight to the transport
         max_retries=max_retries,
         audio_read_timeout=audio_read_timeout,
         observe=lambda endpoint, outcome, seconds: observed.append((endpoint, outcome, seconds)),
@@ -643,3 +647,82 @@ async def test_closing_the_client_closes_the_aiohttp_session(emulator_url: str) 
     assert session is not None and not session.closed
     await http.aclose()
     assert session.closed
+
+
+# --- reading whole bodies -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def raw_http_server(answer: bytes) -> AsyncIterator[str]:
+    """Serve `answer` (raw bytes, then a hang-up) to every connection on loopback; yield the base URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_transport_reads_a_small_body_whole_only_when_asked() -> None:
+    async def page(request: Request) -> Response:
+        return JSONResponse({"conversations": [], "has_more": False})
+
+    app = Starlette(routes=[Route("/v1/convai/conversations", page)])
+    transport = AiohttpUpstreamTransport()
+    try:
+        with serve_http(app) as served:
+            url = served.url + "/v1/convai/conversations"
+            whole = await transport.handle_async_request(
+                httpx.Request("GET", url, extensions={READ_WHOLE_BODY: True})
+            )
+            streamed = await transport.handle_async_request(httpx.Request("GET", url))
+            assert whole.json() == {"conversations": [], "has_more": False}  # no aread() needed
+            with pytest.raises(httpx.ResponseNotRead):
+                _ = streamed.content
+            assert await streamed.aread() == whole.content
+    finally:
+        await transport.aclose()
+
+
+async def test_transport_streams_a_body_over_the_eager_limit_even_when_asked() -> None:
+    big = b"\x00" * (EAGER_BODY_BYTES + 1)
+
+    async def blob(request: Request) -> Response:
+        return Response(big, media_type="application/octet-stream")
+
+    app = Starlette(routes=[Route("/blob", blob)])
+    transport = AiohttpUpstreamTransport()
+    try:
+        with serve_http(app) as served:
+            request = httpx.Request("GET", served.url + "/blob", extensions={READ_WHOLE_BODY: True})
+            response = await transport.handle_async_request(request)
+            with pytest.raises(httpx.ResponseNotRead):
+                _ = response.content
+            assert len(await response.aread()) == len(big)
+    finally:
+        await transport.aclose()
+
+
+async def test_body_cut_short_while_read_whole_is_a_bad_gateway() -> None:
+    truncated = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"conv"
+    async with raw_http_server(truncated) as url, harness(url) as h:
+        with pytest.raises(UpstreamError) as caught:
+            await h.client.list_conversations([])
+    assert type(caught.value) is UpstreamError and caught.value.status == 502
+    assert outcomes(h, "list") == ["transport_error"]
+
+
+async def test_client_without_a_transport_sends_through_the_httpx_client(emulator_url: str) -> None:
+    settings = Settings(elevenlabs_api_key=Secret(API_KEY), elevenlabs_base_url=emulator_url)
+    async with create_http_client(settings) as http:
+        body = await UpstreamClient(http).get_signed_url("agent_demo")
+    assert body["signed_url"].startswith("ws")
+    assert len(upstream_requests(emulator_url, "get-signed-url")) == 1

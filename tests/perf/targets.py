@@ -310,6 +310,7 @@ def gateway_factory() -> Any:
 
     levers = _levers()
     if "httpx-transport" in levers:
+        import service.app
         import service.upstream
 
         original = service.upstream.create_transport
@@ -318,6 +319,7 @@ def gateway_factory() -> Any:
             return original("httpx", **kwargs)
 
         service.upstream.create_transport = httpx_transport
+        vars(service.app)["create_transport"] = httpx_transport
     if "no-token-cache" in levers:
         import service.app
         from service.auth import Authenticator
@@ -375,6 +377,7 @@ def _restore_slow_paths() -> None:
     import service.observability
     from service.ledger import RedisLedger, decode_entry, ledger_key
     from service.observability import _SECRET_PATTERNS, Metrics
+    from service.upstream import UpstreamClient
 
     def mask_every_pattern(text: str) -> str:
         for pattern, replacement in _SECRET_PATTERNS:
@@ -394,7 +397,11 @@ def _restore_slow_paths() -> None:
             values = await pipe.execute()
         return {cid: decode_entry(raw) for cid, raw in zip(unique, values, strict=True) if raw is not None}
 
+    async def through_client_send(self: Any, request: Any, *, stream: bool) -> Any:
+        return await self._http.send(request, stream=stream)
+
     vars(service.observability)["mask_secrets"] = mask_every_pattern
+    UpstreamClient._dispatch = through_client_send  # type: ignore[method-assign]
     Metrics._child = labels_every_time  # type: ignore[method-assign]
     RedisLedger.lookup_many = pipelined_gets  # type: ignore[method-assign]
 
