@@ -57,6 +57,7 @@ class _Admitted:
     agent_id: str
     branch_id: str | None
     decision: Decision
+    headers: dict[str, str]  # the decision's RateLimit headers, rendered once per request
 
 
 async def _admit(request: Request, *, ignored: tuple[str, ...] = ()) -> _Admitted:
@@ -72,7 +73,7 @@ async def _admit(request: Request, *, ignored: tuple[str, ...] = ()) -> _Admitte
     decision = await enforce(
         services.limiter, services.settings, "session", user_id=principal.user_id, agent_id=agent
     )
-    return _Admitted(services, principal, agent, branch, decision)
+    return _Admitted(services, principal, agent, branch, decision, decision.headers())
 
 
 def _audit_mint(event: str, request: Request, admitted: _Admitted, conversation_id: str | None) -> None:
@@ -93,7 +94,7 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
     async def get_signed_url(request: Request) -> Response:
         """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
         admitted = await _admit(request)
-        with headers_on_error(admitted.decision.headers()):
+        with headers_on_error(admitted.headers):
             body = await admitted.services.upstream.get_signed_url(
                 admitted.agent_id, branch_id=admitted.branch_id
             )
@@ -111,13 +112,13 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
                 "conversation_id": conversation_id,
                 "expires_at": minted_at + SIGNED_URL_LIFETIME_SECONDS,
             },
-            admitted.decision,
+            admitted.headers,
         )
 
     async def get_token(request: Request) -> Response:
         """Mint a WebRTC conversation token whose participant is the caller."""
         admitted = await _admit(request, ignored=IGNORED_TOKEN_PARAMS)
-        with headers_on_error(admitted.decision.headers()):
+        with headers_on_error(admitted.headers):
             body = await admitted.services.upstream.get_webrtc_token(
                 admitted.agent_id, participant_name=admitted.principal.user_id, branch_id=admitted.branch_id
             )
@@ -136,7 +137,7 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
         content: dict[str, Any] = {"token": token}
         if conversation_id is not None:
             content["conversation_id"] = conversation_id
-        return _json(content, admitted.decision)
+        return _json(content, admitted.headers)
 
     return [
         Route(SIGNED_URL_ROUTE, _no_store(get_signed_url), methods=["GET"], name="get_signed_url"),
@@ -193,8 +194,8 @@ def _no_store(handler: Handler) -> Handler:
     return wrapped
 
 
-def _json(content: dict[str, Any], decision: Decision) -> JSONResponse:
-    return JSONResponse(content, headers={**decision.headers(), **NO_STORE_HEADERS})
+def _json(content: dict[str, Any], headers: Mapping[str, str]) -> JSONResponse:
+    return JSONResponse(content, headers={**headers, **NO_STORE_HEADERS})
 
 
 routes: list[Route] = make_routes()
