@@ -14,6 +14,7 @@ that is not trusted is the client. Anything further left was written by that cli
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,6 +27,9 @@ UNKNOWN_CLIENT = "unknown"
 _XFF = b"x-forwarded-for"
 
 
+# Bounded: forwarding headers are client-controlled. Peers repeat (keep-alive, proxies), and parsing one
+# with ipaddress costs ~10 us, paid by every request for its access log and auth-failure guard.
+@functools.lru_cache(maxsize=4096)
 def parse_ip(value: str) -> IPAddress | None:
     """Parse one address as found in a socket peer or a forwarding header; None when it is not an IP."""
     text = value.strip()
