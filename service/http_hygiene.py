@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import PayloadTooLarge, RequestTimeout, error_response
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
+_HTTP1: Final = ("1.0", "1.1")
 DEFAULT_BODY_TIMEOUT_SECONDS: Final = 10.0
 HSTS_MAX_AGE_SECONDS: Final = 63_072_000  # two years, the preload-list minimum is one
 
@@ -24,6 +25,11 @@ _API_SECURITY_HEADERS: Final = (
     ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
     ("Cross-Origin-Resource-Policy", "same-site"),
     ("Cache-Control", "no-store"),
+)
+# The same, as raw ASGI header pairs keyed by lower-case name.
+_RAW_SECURITY_HEADERS: Final = tuple(
+    (name.lower().encode("latin-1"), (name.lower().encode("latin-1"), value.encode("latin-1")))
+    for name, value in _API_SECURITY_HEADERS
 )
 
 CORS_METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
@@ -50,12 +56,15 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in _API_SECURITY_HEADERS:
-                    headers.setdefault(name, value)
+                # One pass over the response's headers, then appends (MutableHeaders.setdefault would scan
+                # them once per security header).
+                raw = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in raw}
+                raw += [pair for name, pair in _RAW_SECURITY_HEADERS if name not in present]
                 # HSTS over plain http is ignored by browsers and would mislead; send it only over TLS.
-                if https:
-                    headers.setdefault("Strict-Transport-Security", self.hsts)
+                if https and b"strict-transport-security" not in present:
+                    raw.append((b"strict-transport-security", self.hsts.encode("latin-1")))
+                message = {**message, "headers": raw}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -133,11 +142,16 @@ class BodyLimitMiddleware:
             await error_response(self._error())(scope, receive, send)
             return
 
-        received = 0
-        response_started = False
         # Only a request that announces a body gets a deadline: a bodyless request's later receive()
         # calls wait for the disconnect (e.g. while audio streams) and must never time out.
         has_body = "transfer-encoding" in headers or (declared is not None and declared not in ("", "0"))
+        if not has_body and scope.get("http_version") in _HTTP1:
+            # HTTP/1.x frames a body only with one of those headers: there is nothing to limit or time.
+            # (HTTP/2 bodies need no Content-Length, so other versions keep the wrappers.)
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        response_started = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout if has_body and self.body_timeout is not None else None
 

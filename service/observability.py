@@ -37,7 +37,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +48,7 @@ from service.settings import IPNetwork
 ACCESS_LOGGER: Final = "convai_gateway.access"
 AUDIT_LOGGER: Final = "convai_gateway.audit"
 REQUEST_ID_HEADER: Final = "X-Request-ID"
+_REQUEST_ID_RAW: Final = REQUEST_ID_HEADER.lower().encode("latin-1")
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 CIRCUIT_STATES: Final = ("closed", "open", "half_open")
@@ -381,6 +382,12 @@ def configure_logging(level: str) -> None:
     handler.addFilter(SecretMaskFilter())
     root.addHandler(handler)
     root.setLevel(numeric)
+    # The JSON lines carry none of these record fields; the logging HOWTO's "Optimization" switches stop
+    # every record from walking the stack for its caller and looking up thread and process names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # uvicorn's own access log prints raw paths with query strings; ours replaces it. Its other loggers
     # go through the JSON handler instead of their own plain-text ones.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -467,6 +474,7 @@ class RequestContextMiddleware:
         # Resolved once here so the access log, audit lines and the auth-failure limit agree on the client.
         state["client_ip"] = client_ip(scope, self.trusted_proxies)
         token = _request_id.set(request_id)
+        raw_id = request_id.encode("latin-1")
 
         status: int | None = None
         ended: float | None = None
@@ -483,7 +491,8 @@ class RequestContextMiddleware:
             nonlocal status, ended, disconnected
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                # Appended raw: the id header is the gateway's alone, no route sets it.
+                message = {**message, "headers": [*message.get("headers", ()), (_REQUEST_ID_RAW, raw_id)]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 ended = self.clock()
             try:

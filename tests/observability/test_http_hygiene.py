@@ -207,3 +207,27 @@ def test_chunked_body_over_limit_over_real_http() -> None:
     assert response.request.headers["transfer-encoding"] == "chunked"
     assert_413(response)
     assert json.loads(response.content)["detail"] == "the request body is larger than 1024 bytes"
+
+
+async def test_http2_body_without_length_headers_is_still_limited() -> None:
+    # HTTP/1.x frames a body only with Content-Length or Transfer-Encoding, so the middleware lets a
+    # request without either through untouched; an HTTP/2 body needs neither and must stay limited.
+    async def reading_app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    parts = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 2
+    parts.append({"type": "http.request", "body": b"", "more_body": False})
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return parts.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "http_version": "2", "method": "POST", "path": "/", "headers": []}
+    await BodyLimitMiddleware(reading_app, max_bytes=100)(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 413
