@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -154,3 +157,20 @@ async def test_security_headers_and_request_id_on_every_response(gateway: Gatewa
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["x-frame-options"] == "DENY"
         assert len(response.headers["x-request-id"]) >= 8
+
+
+def test_serve_factory_freezes_start_up_objects_out_of_gc_scans() -> None:
+    # A child process: freezing changes the garbage collector of the whole interpreter.
+    script = (
+        "import gc\n"
+        "from service.app import app_from_environment\n"
+        "before = gc.get_freeze_count()\n"
+        "app_from_environment()\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), **gateway_env("http://127.0.0.1:9", "xi-key", redis_url=None)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    before, after = (int(n) for n in done.stdout.split())
+    assert before == 0 and after > 10_000

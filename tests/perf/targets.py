@@ -20,7 +20,7 @@ no access log, loopback only). This module is also the entry point of those proc
   `no-token-cache` (verify every token's signature), `asyncio` (asyncio loop and h11 instead of uvloop
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
-  `no-ledger-write`, `no-metrics` (measurement only, never a configuration); `before-perf-changes` puts
+  `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `before-perf-changes` puts
   back the slower code paths the benchmark's changes replaced, for a before/after in one run.
 """
 
@@ -65,7 +65,14 @@ UVICORN_SETTINGS: Mapping[str, Any] = {
 }
 LEVERS = ("httpx-transport", "no-token-cache", "asyncio", "workers=2", "log-warning")
 # Not options: whole components removed, to attribute the per-request cost (`--levers` names them).
-ABLATIONS = ("no-logging", "no-ratelimit", "no-ledger-write", "no-metrics", "before-perf-changes")
+ABLATIONS = (
+    "no-logging",
+    "no-ratelimit",
+    "no-ledger-write",
+    "no-metrics",
+    "no-gc-freeze",
+    "before-perf-changes",
+)
 
 
 # --- upstream payloads ------------------------------------------------------------------------------
@@ -334,9 +341,12 @@ def gateway_factory() -> Any:
     configure_logging(settings.log_level)
     if "no-logging" in levers:
         logging.disable(logging.CRITICAL)
-    from service.app import create_app
+    from service.app import create_app, freeze_startup_objects
 
-    return create_app(settings)
+    app = create_app(settings)
+    if "no-gc-freeze" not in levers:
+        freeze_startup_objects()  # as `serve` does (service.app.app_from_environment)
+    return app
 
 
 def _apply_ablations(levers: set[str]) -> None:
