@@ -168,7 +168,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
             response = await session.request(
                 method=request.method,
                 url=str(request.url),
-                headers=request.headers,
+                headers=_header_pairs(request.headers),
                 data=data,
                 allow_redirects=False,
                 auto_decompress=False,
@@ -213,6 +213,12 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the aiohttp session and its connections."""
         await self._inner.aclose()
+
+
+def _header_pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
+    # What iterating httpx.Headers yields, decoded with one lookup of its encoding instead of one per item.
+    encoding = headers.encoding
+    return [(name.decode(encoding), value.decode(encoding)) for name, value in headers.raw]
 
 
 def create_transport(
