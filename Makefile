@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install web-deps dev test check lint format typecheck deploy-check bench clean
+.PHONY: install web-deps dev test check lint format typecheck deploy-check bench profile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ check: lint typecheck deploy-check test
 
 bench: install
 	$(PY) -m tests.perf.bench
+
+profile: install
+	$(PY) -m tests.perf.profile
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist

@@ -3,9 +3,10 @@
     .venv/bin/python -m tests.perf.profile [--endpoint signed-url] [--concurrency 10] [--duration 10]
 
 Starts what the benchmark starts (a private redis-server, the upstream stand-in and the gateway with
-everything on), drives one endpoint with wrk while `py-spy record` samples the gateway, then writes a
-the collapsed stacks to `tests/perf/results/` (feed them to any flame-graph tool) and prints the functions that hold
-the most samples, inclusive and exclusive. Measure a lever here before you change code for it.
+everything on), drives one endpoint with wrk while `py-spy record` samples the gateway, then writes the
+collapsed stacks to `tests/perf/results/` (feed them to any flame-graph tool) and prints the functions
+holding the most samples, inclusive and exclusive. Measure a lever here before you change code for it.
+Needs wrk, nginx and the permission to ptrace the gateway (root, or CAP_SYS_PTRACE).
 """
 
 from __future__ import annotations
