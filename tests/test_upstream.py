@@ -712,7 +712,7 @@ async def test_transport_streams_a_body_over_the_eager_limit_even_when_asked() -
 
 
 async def test_body_cut_short_while_read_whole_is_a_bad_gateway() -> None:
-    truncated = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"conv"
+    truncated = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"conv'
     async with raw_http_server(truncated) as url, harness(url) as h:
         with pytest.raises(UpstreamError) as caught:
             await h.client.list_conversations([])

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,6 +176,26 @@ def _nginx(procs: Processes, name: str, workdir: Path, conf: str) -> Child:
     return procs.spawn(name, args, cwd=directory)
 
 
+@contextlib.contextmanager
+def environment(upstream_kind: str, prefix: str) -> Iterator[tuple[Processes, Path, RedisServer, str]]:
+    """Start a private redis-server and the upstream stand-in, seed the ledger; stop all of it on exit."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    # nginx workers drop privileges when started as root: they must be able to read the payload files.
+    workdir.chmod(0o755)
+    procs = Processes(workdir)
+    redis = RedisServer()
+    try:
+        with sigterm_raises():
+            redis.start()
+            _, upstream_url = start_upstream(procs, workdir, upstream_kind)
+            seed_ledger(redis, t.build_payloads())
+            yield procs, workdir, redis, upstream_url
+    finally:
+        procs.close()
+        redis.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def start_upstream(procs: Processes, workdir: Path, kind: str) -> tuple[Child, str]:
     """Start the upstream stand-in (nginx or Python) and return it with its URL."""
     if kind == "nginx":
@@ -270,40 +290,25 @@ def run(options: Options) -> tuple[Run, Path]:
     _say(options, f"# targets: {', '.join(x.name for x in chosen)}; upstream stand-in: {upstream_kind}")
     _say(options, f"# about {estimate_seconds(options, len(chosen)):.0f} s of load")
 
-    workdir = Path(tempfile.mkdtemp(prefix="convai-bench-"))
-    # nginx workers drop privileges when started as root: they must be able to read the payload files.
-    workdir.chmod(0o755)
-    procs = Processes(workdir)
-    redis = RedisServer()
-    try:
-        with sigterm_raises():
-            redis.start()
-            _, upstream_url = start_upstream(procs, workdir, upstream_kind)
-            seed_ledger(redis, t.build_payloads())
-            started = {x.name: (x, *start_target(procs, workdir, x, upstream_url, redis.url)) for x in chosen}
-            for target, child, url in started.values():
-                if target.role == "gateway":
-                    wait_http(child, url + "/readyz", expect=200)
-                else:
-                    wait_http(child, url + "/")
-            result.meta["processes"] = {child.name: child.pid for child in procs.children}
-            result.meta["processes"]["redis"] = redis.process.pid if redis.process else None
-            urls = {name: url for name, (_, _, url) in started.items()}
-            children = {name: (child, url) for name, (_, child, url) in started.items()}
-            check_answers(urls, loads, options.endpoints)
-            _measure_all(options, result, children, loads, workdir)
-            gateway = started.get("gateway")
-            if gateway is not None and options.soak_requests > 0:
-                result.soak = _soak(options, gateway[1], gateway[2], loads, workdir)
-            for target, child, _ in started.values():
-                if target.role == "gateway":
-                    result.meta.setdefault("gateway_log_lines", {})[target.name] = _count_lines(
-                        child.log_path
-                    )
-    finally:
-        procs.close()
-        redis.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with environment(upstream_kind, "convai-bench-") as (procs, workdir, redis, upstream_url):
+        started = {x.name: (x, *start_target(procs, workdir, x, upstream_url, redis.url)) for x in chosen}
+        for target, child, url in started.values():
+            if target.role == "gateway":
+                wait_http(child, url + "/readyz", expect=200)
+            else:
+                wait_http(child, url + "/")
+        result.meta["processes"] = {child.name: child.pid for child in procs.children}
+        result.meta["processes"]["redis"] = redis.process.pid if redis.process else None
+        urls = {name: url for name, (_, _, url) in started.items()}
+        children = {name: (child, url) for name, (_, child, url) in started.items()}
+        check_answers(urls, loads, options.endpoints)
+        _measure_all(options, result, children, loads, workdir)
+        gateway = started.get("gateway")
+        if gateway is not None and options.soak_requests > 0:
+            result.soak = _soak(options, gateway[1], gateway[2], loads, workdir)
+        for target, child, _ in started.values():
+            if target.role == "gateway":
+                result.meta.setdefault("gateway_log_lines", {})[target.name] = _count_lines(child.log_path)
     path = write_results(result)
     return result, path
 

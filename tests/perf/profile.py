@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -25,8 +24,7 @@ from pathlib import Path
 from tests.perf import bench
 from tests.perf import targets as t
 from tests.perf.load import measure
-from tests.perf.procs import Processes, sigterm_raises, wait_http
-from tests.support.servers import RedisServer
+from tests.perf.procs import wait_http
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -81,29 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     bench.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     raw = bench.RESULTS_DIR / f"profile-{args.endpoint}-{stamp}.txt"
-    workdir = Path(tempfile.mkdtemp(prefix="convai-profile-"))
-    workdir.chmod(0o755)
-    procs = Processes(workdir)
-    redis = RedisServer()
-    try:
-        with sigterm_raises():
-            redis.start()
-            _, upstream_url = bench.start_upstream(procs, workdir, "nginx")
-            bench.seed_ledger(redis, t.build_payloads())
-            child, url = bench.start_target(procs, workdir, target, upstream_url, redis.url)
-            wait_http(child, url + "/readyz", expect=200)
-            bench.check_answers({"gateway": url}, {args.endpoint: workload}, [args.endpoint])
-            measure(url, workload, args.concurrency, 2, workdir)  # warm-up: caches, connections
-            common = [py_spy, "record", "--pid", str(child.pid), "--rate", str(args.rate)]
-            common += ["--duration", str(args.duration + 1)]
-            with subprocess.Popen([*common, "--format", "raw", "--output", str(raw)]) as spy:
-                time.sleep(0.5)  # let py-spy attach before the load starts
-                measured = measure(url, workload, args.concurrency, args.duration, workdir)
-                spy.wait(timeout=args.duration + 30)
-    finally:
-        procs.close()
-        redis.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with bench.environment("nginx", "convai-profile-") as (procs, workdir, redis, upstream_url):
+        child, url = bench.start_target(procs, workdir, target, upstream_url, redis.url)
+        wait_http(child, url + "/readyz", expect=200)
+        bench.check_answers({"gateway": url}, {args.endpoint: workload}, [args.endpoint])
+        measure(url, workload, args.concurrency, 2, workdir)  # warm-up: caches, connections
+        common = [py_spy, "record", "--pid", str(child.pid), "--rate", str(args.rate)]
+        common += ["--duration", str(args.duration + 1)]
+        with subprocess.Popen([*common, "--format", "raw", "--output", str(raw)]) as spy:
+            time.sleep(0.5)  # let py-spy attach before the load starts
+            measured = measure(url, workload, args.concurrency, args.duration, workdir)
+            spy.wait(timeout=args.duration + 30)
     print(f"{args.endpoint} c={args.concurrency}: {measured.requests_per_second:.0f} req/s under py-spy")
     print(summarize(raw.read_text(), args.top))
     print(f"collapsed stacks: {raw}")
