@@ -181,14 +181,16 @@ async def test_chunked_body_over_limit_is_rejected() -> None:
     assert under.json() == {"length": 800}
 
 
-async def test_body_limit_answers_itself_for_apps_without_error_handlers() -> None:
-    async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
-        while (await receive()).get("more_body", False):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"read it all"})
+async def read_all_then_answer(scope: Scope, receive: Receive, send: Send) -> None:
+    """Read the whole body, then answer 200 (a raw ASGI app without error handlers)."""
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"read it all"})
 
-    async with client(BodyLimitMiddleware(raw_app, max_bytes=100)) as http:
+
+async def test_body_limit_answers_itself_for_apps_without_error_handlers() -> None:
+    async with client(BodyLimitMiddleware(read_all_then_answer, max_bytes=100)) as http:
         over = await http.post("/", content=chunks(3, 50))
         under = await http.post("/", content=chunks(2, 50))
     assert_413(over)
@@ -212,12 +214,6 @@ def test_chunked_body_over_limit_over_real_http() -> None:
 async def test_http2_body_without_length_headers_is_still_limited() -> None:
     # HTTP/1.x frames a body only with Content-Length or Transfer-Encoding, so the middleware lets a
     # request without either through untouched; an HTTP/2 body needs neither and must stay limited.
-    async def reading_app(scope: Scope, receive: Receive, send: Send) -> None:
-        while (await receive()).get("more_body", False):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"read it all"})
-
     parts = [{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 2
     parts.append({"type": "http.request", "body": b"", "more_body": False})
     sent: list[dict[str, object]] = []
@@ -229,5 +225,5 @@ async def test_http2_body_without_length_headers_is_still_limited() -> None:
         sent.append(message)
 
     scope = {"type": "http", "http_version": "2", "method": "POST", "path": "/", "headers": []}
-    await BodyLimitMiddleware(reading_app, max_bytes=100)(scope, receive, send)  # type: ignore[arg-type]
+    await BodyLimitMiddleware(read_all_then_answer, max_bytes=100)(scope, receive, send)  # type: ignore[arg-type]
     assert sent[0]["status"] == 413
