@@ -21,7 +21,9 @@ no access log, loopback only). This module is also the entry point of those proc
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `before-perf-changes` puts
-  back the slower code paths the benchmark's changes replaced, for a before/after in one run.
+  back some of the slower code paths the benchmark's changes replaced (secret masking without its fast
+  path, metric children looked up per call, one GET per listed conversation, upstream calls through
+  AsyncClient.send), for a partial before/after in one run; a full one runs an earlier commit side by side.
 """
 
 from __future__ import annotations
