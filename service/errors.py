@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from starlette.exceptions import HTTPException
@@ -295,21 +295,37 @@ class UnhandledErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
 
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def answer(exc: Exception) -> Response:
+            return await _unhandled_error_handler(Request(scope), exc)
 
-        try:
-            await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            if started:
-                raise  # too late for a problem body; the server closes the connection
-            response = await _unhandled_error_handler(Request(scope), exc)
-            await response(scope, receive, send)
+        await answer_early_errors(self.app, scope, receive, send, answer)
+
+
+async def answer_early_errors(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    answer: Callable[[Exception], Awaitable[Response | None]],
+) -> None:
+    """Run `app`; answer an exception raised before its response started with `answer(exc)` (None re-raises)."""
+    started = False
+
+    async def send_tracking(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, send_tracking)
+    except Exception as exc:
+        # Once the response has started it is too late for a problem body; the server closes the connection.
+        response = None if started else await answer(exc)
+        if response is None:
+            raise
+        await response(scope, receive, send)
 
 
 EXCEPTION_HANDLERS = {

@@ -8,9 +8,10 @@ from typing import Final
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, RequestTimeout, error_response
+from service.errors import PayloadTooLarge, RequestTimeout, answer_early_errors, error_response
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
 _HTTP1: Final = ("1.0", "1.1")
@@ -151,7 +152,6 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         received = 0
-        response_started = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout if has_body and self.body_timeout is not None else None
 
@@ -172,16 +172,8 @@ class BodyLimitMiddleware:
                     raise self._error()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except (_BodyTooLarge, _BodyTimeout) as exc:
+        async def answer(exc: Exception) -> Response | None:
             # Usually the app's GatewayError handler has already answered; this covers apps without one.
-            if response_started:
-                raise
-            await error_response(exc)(scope, receive, send)
+            return error_response(exc) if isinstance(exc, _BodyTooLarge | _BodyTimeout) else None
+
+        await answer_early_errors(self.app, scope, limited_receive, send, answer)
