@@ -33,7 +33,11 @@ def create_app(settings: Settings) -> Starlette:
     # Redis clients connect lazily, so building them here (outside the event loop) is safe; the lifespan
     # closes them. The limiter must exist before the middleware stack is built: the failed-auth guard uses it.
     redis = (
-        create_redis(settings.redis, timeout=settings.redis_timeout_seconds)
+        create_redis(
+            settings.redis,
+            timeout=settings.redis_timeout_seconds,
+            pipeline_limit=settings.redis_pipeline_limit,
+        )
         if settings.redis.configured
         else None
     )

@@ -5,6 +5,8 @@ retries a timed-out command three times with back-off, which would turn a 100 ms
 A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). The rate
 limiter's circuit breaker decides what happens when Redis is slow or gone; the ledger fails closed.
 Clients connect lazily, so building one does not need a running event loop or a reachable server.
+Standalone and Sentinel clients pipeline implicitly (`service.redis_pipeline`, `REDIS_PIPELINE_LIMIT`);
+Cluster clients send commands one by one, since a batch there would have to be split per node.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
 from service.settings import RedisTopology
 
 # Attribute on a Sentinel-backed client holding its Sentinel, so `close_redis` can close both.
@@ -38,19 +41,29 @@ def _timeouts(timeout: float) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
 
 
-def create_redis(topology: RedisTopology, *, timeout: float) -> Any:
-    """Return a redis.asyncio client (Redis, Sentinel master, or RedisCluster) for `topology`."""
+def create_redis(
+    topology: RedisTopology, *, timeout: float, pipeline_limit: int = DEFAULT_PIPELINE_LIMIT
+) -> Any:
+    """Return a redis.asyncio client (Redis, Sentinel master, or RedisCluster) for `topology`.
+
+    `pipeline_limit` caps the commands per implicit pipeline; below 2 every command goes alone.
+    """
+    client_class: type[Redis] = PipeliningRedis if pipeline_limit >= 2 else Redis
     if topology.sentinels:
-        return _sentinel_master(topology, timeout)
-    if topology.url is None:
+        client = _sentinel_master(topology, timeout, client_class)
+    elif topology.url is None:
         raise ValueError("no Redis configured: set REDIS_URL or redis.sentinels")
-    if topology.cluster:
+    elif topology.cluster:
         # Cluster-level retries (MOVED/ASK redirections are followed regardless) stay off too.
         return RedisCluster.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
-    return Redis.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+    else:
+        client = client_class.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+    if isinstance(client, PipeliningRedis):
+        client.pipeline_limit = pipeline_limit
+    return client
 
 
-def _sentinel_master(topology: RedisTopology, timeout: float) -> Any:
+def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
     # Credentials and the database of the master come from REDIS_URL when one is given alongside.
     master_kwargs: dict[str, Any] = {"decode_responses": True, **_timeouts(timeout)}
     if topology.url:
@@ -65,7 +78,9 @@ def _sentinel_master(topology: RedisTopology, timeout: float) -> Any:
         if parts.scheme == "rediss":
             master_kwargs["ssl"] = True
     sentinel = Sentinel(list(topology.sentinels), sentinel_kwargs=_timeouts(timeout))  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(topology.sentinel_service or "mymaster", **master_kwargs)
+    client = sentinel.master_for(
+        topology.sentinel_service or "mymaster", redis_class=client_class, **master_kwargs
+    )
     setattr(client, _SENTINEL_ATTR, sentinel)
     return client
 

@@ -112,6 +112,7 @@ class Settings:
     elevenlabs_base_url: str = "https://api.elevenlabs.io"
     redis: RedisTopology = field(default_factory=RedisTopology)
     redis_timeout_seconds: float = 0.1
+    redis_pipeline_limit: int = 100
     issuers: tuple[IssuerConfig, ...] = ()
     jwt_leeway_seconds: int = 30
     jwt_user_claim: str = "sub"
@@ -515,6 +516,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         elevenlabs_base_url=base_url.rstrip("/"),
         redis=_redis(reader, toml.get("redis")),
         redis_timeout_seconds=reader.integer("REDIS_TIMEOUT_MS", 100, low=1, high=60_000) / 1000,
+        redis_pipeline_limit=reader.integer("REDIS_PIPELINE_LIMIT", 100, low=0, high=10_000),
         issuers=tuple(issuers),
         jwt_leeway_seconds=reader.integer("JWT_LEEWAY_SECONDS", 30, low=0, high=600),
         jwt_user_claim=reader.raw("JWT_USER_CLAIM") or "sub",

@@ -24,6 +24,7 @@ from service.ledger import (
     build_ledger,
     ledger_key,
 )
+from service.redis_pipeline import PipeliningRedis
 from service.settings import RedisTopology, Secret, Settings
 from tests.support.servers import RedisServer
 
@@ -50,9 +51,10 @@ class Subject:
     inspect: redis.Redis | None
 
 
-def async_client(url: str, *, decode: bool) -> aioredis.Redis:
+def async_client(url: str, *, decode: bool, pipelined: bool = False) -> aioredis.Redis:
     """Return an asyncio client that fails fast instead of retrying with backoff."""
-    return aioredis.Redis.from_url(
+    client_class = PipeliningRedis if pipelined else aioredis.Redis
+    return client_class.from_url(
         url,
         decode_responses=decode,
         socket_timeout=1.0,
@@ -61,7 +63,7 @@ def async_client(url: str, *, decode: bool) -> aioredis.Redis:
     )
 
 
-@pytest.fixture(params=["redis-bytes", "redis-str", "in-process"])
+@pytest.fixture(params=["redis-bytes", "redis-str", "redis-pipelined", "in-process"])
 async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
     """Yield each ledger implementation, empty."""
     clock = FakeClock()
@@ -69,7 +71,9 @@ async def subject(request: pytest.FixtureRequest) -> AsyncIterator[Subject]:
         yield Subject(InProcessLedger(ttl_days=TTL_DAYS, clock=clock), clock, None)
         return
     url: str = request.getfixturevalue("redis_url")
-    client = async_client(url, decode=request.param == "redis-str")
+    client = async_client(
+        url, decode=request.param != "redis-bytes", pipelined=request.param == "redis-pipelined"
+    )
     server: RedisServer = request.getfixturevalue("redis_server")
     with contextlib.closing(server.client()) as inspect:
         try:

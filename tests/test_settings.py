@@ -33,6 +33,7 @@ def test_minimal_environment_gives_documented_defaults() -> None:
     assert settings.ledger_ttl_days == 90
     assert settings.rate_limit_on_redis_error == "local"
     assert settings.redis_timeout_seconds == pytest.approx(0.1)
+    assert settings.redis_pipeline_limit == 100
     assert settings.redis_url is None
     assert dict(settings.rate_limits) == dict(DEFAULT_RATE_LIMITS)
     assert settings.issuers[0].algorithms == ("HS256",)
@@ -91,6 +92,8 @@ def test_every_contract_name_is_read() -> None:
         ("LEDGER_TTL_DAYS", "0", "LEDGER_TTL_DAYS: must be between"),
         ("JWT_LEEWAY_SECONDS", "-1", "JWT_LEEWAY_SECONDS: must be between"),
         ("PORT", "70000", "PORT: must be between"),
+        ("REDIS_PIPELINE_LIMIT", "-1", "REDIS_PIPELINE_LIMIT: must be between 0 and 10000"),
+        ("REDIS_PIPELINE_LIMIT", "many", "REDIS_PIPELINE_LIMIT: expected an integer"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),
         ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must be a URL with scheme"),
         ("ELEVENLABS_BASE_URL", "ftp://x", "ELEVENLABS_BASE_URL: must be a URL"),

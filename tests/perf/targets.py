@@ -18,7 +18,8 @@ no access log, loopback only). This module is also the entry point of those proc
   configured as `convai-gateway serve` does. `BENCH_GATEWAY_LEVERS` (comma-separated) switches one
   measured lever off: `httpx-transport` (httpx's own upstream transport instead of httpx-aiohttp),
   `no-token-cache` (verify every token's signature), `asyncio` (asyncio loop and h11 instead of uvloop
-  and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line).
+  and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line),
+  `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `before-perf-changes` puts
   back some of the slower code paths the benchmark's changes replaced (secret masking without its fast
@@ -65,7 +66,7 @@ UVICORN_SETTINGS: Mapping[str, Any] = {
     "timeout_keep_alive": 5,
     "log_level": "warning",
 }
-LEVERS = ("httpx-transport", "no-token-cache", "asyncio", "workers=2", "log-warning")
+LEVERS = ("httpx-transport", "no-token-cache", "asyncio", "workers=2", "log-warning", "no-redis-pipelining")
 # Not options: whole components removed, to attribute the per-request cost (`--levers` names them).
 ABLATIONS = (
     "no-logging",
@@ -339,6 +340,8 @@ def gateway_factory() -> Any:
 
         vars(service.app)["Authenticator"] = Uncached
     _apply_ablations(levers)
+    if "no-redis-pipelining" in levers:
+        os.environ["REDIS_PIPELINE_LIMIT"] = "0"
     settings = load_settings()
     configure_logging(settings.log_level)
     if "no-logging" in levers:

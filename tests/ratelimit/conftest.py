@@ -7,7 +7,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from service.redis_pipeline import PipeliningRedis
 from service.settings import RateLimitPolicy
+
+# Every limiter test runs on both clients the gateway may use: commands one by one (REDIS_PIPELINE_LIMIT=0,
+# and the Cluster client's way) and implicit pipelining (the default for standalone and Sentinel).
+CLIENT_KINDS = ["one-by-one", "pipelined"]
+
+
+def async_client(url: str, kind: str) -> aioredis.Redis:
+    """Return an async client (decoded strings) of the given kind."""
+    client_class = PipeliningRedis if kind == "pipelined" else aioredis.Redis
+    return client_class.from_url(url, decode_responses=True)
 
 
 class ManualClock:
@@ -37,10 +48,17 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+@pytest.fixture(params=CLIENT_KINDS)
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """Return which kind of async client the test's fixtures build."""
+    kind: str = request.param
+    return kind
+
+
 @pytest.fixture
-async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+async def aredis(redis_url: str, client_kind: str) -> AsyncIterator[aioredis.Redis]:
     """Yield an async client (decoded strings) on the private, empty Redis."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = async_client(redis_url, client_kind)
     try:
         yield client
     finally:
@@ -48,12 +66,14 @@ async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-async def redis_factory(redis_url: str) -> AsyncIterator[Callable[[], Awaitable[aioredis.Redis]]]:
+async def redis_factory(
+    redis_url: str, client_kind: str
+) -> AsyncIterator[Callable[[], Awaitable[aioredis.Redis]]]:
     """Return a factory of extra async clients (own connection pools), all closed after the test."""
     clients: list[aioredis.Redis] = []
 
     async def make() -> aioredis.Redis:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        client = async_client(redis_url, client_kind)
         clients.append(client)
         return client
 

@@ -14,6 +14,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from service.ratelimit import Hit, RedisRateLimiter
 from service.redis_client import close_redis, create_redis
+from service.redis_pipeline import PipeliningRedis
 from service.settings import RedisTopology
 from tests.ratelimit.conftest import policy
 from tests.support.servers import RedisServer, free_port
@@ -85,6 +86,7 @@ async def test_sentinel_topology_resolves_the_master(
     topology = RedisTopology(url="redis://127.0.0.1/0", sentinels=(sentinel,), sentinel_service="gwmaster")
     client = create_redis(topology, timeout=0.5)
     try:
+        assert isinstance(client, PipeliningRedis)  # the master client pipelines like a standalone one
         attached = getattr(client, "_convai_sentinel", None)
         assert isinstance(attached, Sentinel)
         assert attached.sentinels[0].connection_pool.connection_kwargs["retry"].get_retries() == 1

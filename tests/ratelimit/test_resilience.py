@@ -51,9 +51,10 @@ class Recorder:
 
 
 @pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[object]:
-    """Yield a client built like production: 100 ms timeouts, no retries."""
-    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
+async def client(redis_url: str, client_kind: str) -> AsyncIterator[object]:
+    """Yield a client built like production: 100 ms timeouts, no retries, pipelined or one by one."""
+    limit = 100 if client_kind == "pipelined" else 0
+    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1, pipeline_limit=limit)
     try:
         yield redis
     finally:

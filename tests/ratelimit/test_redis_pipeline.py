@@ -1,0 +1,180 @@
+"""Implicit pipelining (`PipeliningRedis`) against the private redis-server: batching, errors, limits, close."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.redis_client import close_redis, create_redis
+from service.redis_pipeline import PipeliningRedis
+from service.settings import RedisTopology
+from tests.ratelimit.test_resilience import start_debug_sleep
+from tests.support.servers import RedisServer
+
+# Typed Any like the service holds it: redis-py annotates its async commands as plain Awaitables.
+MakeClient = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_client(redis_url: str) -> AsyncIterator[MakeClient]:
+    """Return a factory of production-built clients (`create_redis`), all closed after the test."""
+    clients: list[Any] = []
+
+    def make(*, pipeline_limit: int = 100, timeout: float = 0.5) -> Any:
+        client = create_redis(RedisTopology(url=redis_url), timeout=timeout, pipeline_limit=pipeline_limit)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await close_redis(client)
+
+
+@pytest.fixture
+def admin(redis_server: RedisServer, redis_url: str) -> Iterator[sync_redis.Redis]:
+    """Yield a synchronous client to look at the server from outside the client under test."""
+    with redis_server.client() as client:
+        yield client
+
+
+def connections_besides(admin: sync_redis.Redis) -> int:
+    """Count the server's client connections other than the admin's own."""
+    own_id = admin.client_id()
+    return sum(1 for entry in admin.client_list() if int(entry["id"]) != own_id)
+
+
+async def test_commands_of_one_loop_turn_travel_on_one_connection(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    client = make_client()
+    replies = await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(50)))
+    assert replies == [True] * 50
+    assert connections_besides(admin) == 1
+    assert admin.mget([f"k{i}" for i in range(50)]) == [str(i) for i in range(50)]
+
+
+async def test_without_pipelining_each_concurrent_command_takes_a_connection(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    client = make_client(pipeline_limit=0)
+    assert type(client) is Redis
+    await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(20)))
+    assert connections_besides(admin) == 20
+
+
+async def test_a_batch_never_holds_more_than_the_limit(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    client = make_client(pipeline_limit=10)
+    await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(25)))
+    # 10 + 10 + 5: three batches in flight at once, each on its own pooled connection.
+    assert connections_besides(admin) == 3
+
+
+async def test_each_caller_gets_its_own_reply(make_client: MakeClient, admin: sync_redis.Redis) -> None:
+    admin.mset({f"k{i}": f"v{i}" for i in range(300)})
+    client = make_client(pipeline_limit=64)
+    replies = await asyncio.gather(
+        *(client.get(f"k{i}") for i in range(300)),
+        *(client.incrby(f"n{i}", i) for i in range(300)),
+    )
+    assert replies == [f"v{i}" for i in range(300)] + list(range(300))
+
+
+async def test_a_command_error_reaches_only_its_caller(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    admin.set("text", "not a number")
+    client = make_client()
+    replies = await asyncio.gather(
+        client.set("a", "1"),
+        client.evalsha("0" * 40, 0),
+        client.incr("text"),
+        client.get("a"),
+        return_exceptions=True,
+    )
+    assert replies[0] is True and replies[3] == "1"
+    assert isinstance(replies[1], NoScriptError)
+    assert isinstance(replies[2], ResponseError) and "not an integer" in str(replies[2])
+
+
+async def test_a_cancelled_caller_leaves_the_others_and_the_connection_intact(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    admin.mset({"a": "1", "b": "2", "c": "3"})
+    client = make_client()
+    victim = asyncio.create_task(client.get("a"))
+    others = [asyncio.create_task(client.get(key)) for key in ("b", "c")]
+    # One loop turn, not a wait: every task has queued its command and none can have its reply yet.
+    await asyncio.sleep(0)
+    victim.cancel()
+    async with asyncio.timeout(5):  # a bound, not a wait: a dropped reply must not strand its neighbours
+        assert await asyncio.gather(*others) == ["2", "3"]
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    # The cancelled reply was read off the wire and dropped: the next batch reads its own replies.
+    assert list(await asyncio.gather(client.get("c"), client.get("a"))) == ["3", "1"]
+
+
+async def test_a_dead_server_fails_every_caller_then_the_client_recovers(
+    make_client: MakeClient, redis_server: RedisServer
+) -> None:
+    client = make_client()
+    assert await client.ping()
+    redis_server.stop()
+    failures = await asyncio.gather(*(client.get(f"k{i}") for i in range(5)), return_exceptions=True)
+    assert all(isinstance(failure, RedisConnectionError) for failure in failures), failures
+    redis_server.start()
+    assert list(await asyncio.gather(client.set("k", "v"), client.get("missing"))) == [True, None]
+
+
+async def test_a_stalled_server_fails_the_batch_within_the_socket_timeout(
+    make_client: MakeClient, redis_server: RedisServer
+) -> None:
+    client = make_client(timeout=0.1)
+    assert await client.ping()
+    sleeper = await asyncio.to_thread(start_debug_sleep, redis_server.port, 0.6)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        failures = await asyncio.gather(*(client.get(f"k{i}") for i in range(5)), return_exceptions=True)
+        elapsed = loop.time() - started
+    finally:
+        await asyncio.to_thread(sleeper.recv, 64)
+        sleeper.close()
+    assert all(isinstance(failure, RedisTimeoutError) for failure in failures), failures
+    assert elapsed < 0.4  # the 100 ms socket timeout, not the 600 ms stall
+    assert await client.get("k0") is None  # the timed-out connection was dropped, not reused out of step
+
+
+async def test_close_sends_what_is_queued_and_waits_for_batches_in_flight(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    client = make_client()
+    writes = [asyncio.create_task(client.set(f"k{i}", "v")) for i in range(10)]
+    await asyncio.sleep(0)  # one loop turn: the writes are queued, not yet sent
+    await client.aclose()
+    assert await asyncio.gather(*writes) == [True] * 10
+    assert admin.exists(*(f"k{i}" for i in range(10))) == 10
+
+
+async def test_explicit_pipelines_and_transactions_bypass_the_batching(make_client: MakeClient) -> None:
+    client = make_client()
+    async with client.pipeline(transaction=True) as transaction:
+        transaction.set("a", "1").incr("a").get("a")
+        assert await transaction.execute() == [True, 2, "2"]
+
+
+def test_create_redis_pipelines_standalone_clients_with_the_given_limit(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=0.1, pipeline_limit=7)
+    assert isinstance(client, PipeliningRedis) and client.pipeline_limit == 7
