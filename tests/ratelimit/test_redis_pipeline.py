@@ -21,6 +21,8 @@ from tests.support.servers import RedisServer
 
 # Typed Any like the service holds it: redis-py annotates its async commands as plain Awaitables.
 MakeClient = Callable[..., Any]
+# Every connection of a client under test names itself, so other connections to the server never count.
+CLIENT_NAME = "pipelining-under-test"
 
 
 @pytest.fixture
@@ -30,6 +32,7 @@ async def make_client(redis_url: str) -> AsyncIterator[MakeClient]:
 
     def make(*, pipeline_limit: int = 100, timeout: float = 0.5) -> Any:
         client = create_redis(RedisTopology(url=redis_url), timeout=timeout, pipeline_limit=pipeline_limit)
+        client.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME
         clients.append(client)
         return client
 
@@ -42,15 +45,14 @@ async def make_client(redis_url: str) -> AsyncIterator[MakeClient]:
 
 @pytest.fixture
 def admin(redis_server: RedisServer, redis_url: str) -> Iterator[sync_redis.Redis]:
-    """Yield a synchronous client to look at the server from outside the client under test."""
+    """Yield a synchronous client to look at the server from outside the clients under test."""
     with redis_server.client() as client:
         yield client
 
 
-def connections_besides(admin: sync_redis.Redis) -> int:
-    """Count the server's client connections other than the admin's own."""
-    own_id = admin.client_id()
-    return sum(1 for entry in admin.client_list() if int(entry["id"]) != own_id)
+def connections_under_test(admin: sync_redis.Redis) -> int:
+    """Count the server's connections opened by clients under test."""
+    return sum(1 for entry in admin.client_list() if entry["name"] == CLIENT_NAME)
 
 
 async def test_commands_of_one_loop_turn_travel_on_one_connection(
@@ -59,7 +61,7 @@ async def test_commands_of_one_loop_turn_travel_on_one_connection(
     client = make_client()
     replies = await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(50)))
     assert replies == [True] * 50
-    assert connections_besides(admin) == 1
+    assert connections_under_test(admin) == 1
     assert admin.mget([f"k{i}" for i in range(50)]) == [str(i) for i in range(50)]
 
 
@@ -69,7 +71,7 @@ async def test_without_pipelining_each_concurrent_command_takes_a_connection(
     client = make_client(pipeline_limit=0)
     assert type(client) is Redis
     await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(20)))
-    assert connections_besides(admin) == 20
+    assert connections_under_test(admin) == 20
 
 
 async def test_a_batch_never_holds_more_than_the_limit(
@@ -78,7 +80,7 @@ async def test_a_batch_never_holds_more_than_the_limit(
     client = make_client(pipeline_limit=10)
     await asyncio.gather(*(client.set(f"k{i}", str(i)) for i in range(25)))
     # 10 + 10 + 5: three batches in flight at once, each on its own pooled connection.
-    assert connections_besides(admin) == 3
+    assert connections_under_test(admin) == 3
 
 
 async def test_each_caller_gets_its_own_reply(make_client: MakeClient, admin: sync_redis.Redis) -> None:
