@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -28,19 +29,17 @@ CLIENT_NAME = "pipelining-under-test"
 @pytest.fixture
 async def make_client(redis_url: str) -> AsyncIterator[MakeClient]:
     """Return a factory of production-built clients (`create_redis`), all closed after the test."""
-    clients: list[Any] = []
+    async with contextlib.AsyncExitStack() as closing:
 
-    def make(*, pipeline_limit: int = 100, timeout: float = 0.5) -> Any:
-        client = create_redis(RedisTopology(url=redis_url), timeout=timeout, pipeline_limit=pipeline_limit)
-        client.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME
-        clients.append(client)
-        return client
+        def make(*, pipeline_limit: int = 100, timeout: float = 0.5) -> Any:
+            client = create_redis(
+                RedisTopology(url=redis_url), timeout=timeout, pipeline_limit=pipeline_limit
+            )
+            closing.push_async_callback(close_redis, client)
+            client.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME
+            return client
 
-    try:
         yield make
-    finally:
-        for client in clients:
-            await close_redis(client)
 
 
 @pytest.fixture
