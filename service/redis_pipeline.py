@@ -43,8 +43,6 @@ class PipeliningRedis(Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Queue a command for this loop turn's pipeline and return its reply (or raise its error)."""
-        if self.pipeline_limit < 2:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, options, reply))
