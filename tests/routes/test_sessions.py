@@ -151,7 +151,10 @@ def test_no_trustworthy_conversation_id_is_an_upstream_error(body: dict[str, Any
     assert "conv_" not in caught.value.detail
 
 
-async def test_ledger_decides_ownership_even_against_a_spoofed_upstream_user_id(gateway: Gateway) -> None:
+async def mint_as_a_then_claim_as_b(
+    gateway: Gateway,
+) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    """Mint a session as user_a, let upstream record user_b as its user_id; return the mint, then both reads."""
     minted = await gateway.client.get(
         SIGNED_URL, params={"agent_id": "agent_demo"}, headers=gateway.headers("user_a")
     )
@@ -164,7 +167,12 @@ async def test_ledger_decides_ownership_even_against_a_spoofed_upstream_user_id(
     created.raise_for_status()
     path = f"/v1/convai/conversations/{conversation_id}"
     owner = await gateway.client.get(path, headers=gateway.headers("user_a"))
-    spoofer = await gateway.client.get(path, headers=gateway.headers("user_b"))
+    other = await gateway.client.get(path, headers=gateway.headers("user_b"))
+    return minted, owner, other
+
+
+async def test_ledger_decides_ownership_even_against_a_spoofed_upstream_user_id(gateway: Gateway) -> None:
+    _, owner, spoofer = await mint_as_a_then_claim_as_b(gateway)
     assert owner.status_code == 200, owner.text
     assert spoofer.status_code == 404
 
@@ -173,20 +181,9 @@ async def test_in_process_ledger_records_ownership_without_redis(
     make_gateway: MakeGateway, inspect: redis.Redis
 ) -> None:
     async with make_gateway(REDIS_URL="", OWNERSHIP_MODE="ledger") as gateway:
-        minted = await gateway.client.get(
-            SIGNED_URL, params={"agent_id": "agent_demo"}, headers=gateway.headers("user_a")
-        )
+        minted, owner, other = await mint_as_a_then_claim_as_b(gateway)
         assert minted.status_code == 200, minted.text
         assert_no_store(minted)
-        conversation_id = minted.json()["conversation_id"]
-        created = await gateway.emulator.post(
-            "/_emulator/conversations",
-            json={"conversation_id": conversation_id, "agent_id": "agent_demo", "user_id": "user_b"},
-        )
-        created.raise_for_status()
-        path = f"/v1/convai/conversations/{conversation_id}"
-        owner = await gateway.client.get(path, headers=gateway.headers("user_a"))
-        other = await gateway.client.get(path, headers=gateway.headers("user_b"))
     assert owner.status_code == 200, owner.text
     assert other.status_code == 404
     assert inspect.keys("ledger:*") == []
