@@ -410,6 +410,17 @@ def rs256_ops(keys: Mapping[str, rsa.RSAPrivateKey], owned: Mapping[str, Sequenc
     return {"mint": mint, "details": details, "rotated": rotated}
 
 
+def jwks_gateway_env(port: int, tmp_path: Path) -> dict[str, str]:
+    """Return the environment of a gateway that verifies RS256 tokens against a JWKS on `port` only."""
+    return {
+        "JWT_HS256_SECRET": "",
+        "JWT_JWKS_URL": f"http://127.0.0.1:{port}/jwks.json",
+        "JWKS_UNKNOWN_KID_COOLDOWN_SECONDS": "0",
+        "GATEWAY_CONFIG": write_config(tmp_path, GENEROUS_LIMITS),
+        "REDIS_TIMEOUT_MS": HARNESS_REDIS_TIMEOUT_MS,
+    }
+
+
 @pytest.mark.slow
 async def test_jwks_server_down_keeps_known_keys_and_recovers(
     redis_server: RedisServer, redis_url: str, emulator_url: str, tmp_path: Path
@@ -419,13 +430,7 @@ async def test_jwks_server_down_keeps_known_keys_and_recovers(
     with contextlib.closing(redis_server.client()) as inspect:
         owned, _ = await seed_ownership(emulator_url, inspect, USERS)
     ops = rs256_ops(keys, owned)
-    env = {
-        "JWT_HS256_SECRET": "",
-        "JWT_JWKS_URL": f"http://127.0.0.1:{port}/jwks.json",
-        "JWKS_UNKNOWN_KID_COOLDOWN_SECONDS": "0",
-        "GATEWAY_CONFIG": write_config(tmp_path, GENEROUS_LIMITS),
-        "REDIS_TIMEOUT_MS": HARNESS_REDIS_TIMEOUT_MS,
-    }
+    env = jwks_gateway_env(port, tmp_path)
     with contextlib.ExitStack() as jwks:
         jwks.enter_context(jwks_server(port, {"k1": keys["k1"]}))
         with served_gateway(emulator_url, redis_url, env) as gateway:
@@ -468,13 +473,7 @@ async def test_gateway_started_while_jwks_is_down_is_unready_then_recovers(
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     port = free_port()
     ops = rs256_ops({"k1": key, "k2": key}, {user: ["conv_x", "conv_x"] for user in USERS})
-    env = {
-        "JWT_HS256_SECRET": "",
-        "JWT_JWKS_URL": f"http://127.0.0.1:{port}/jwks.json",
-        "JWKS_UNKNOWN_KID_COOLDOWN_SECONDS": "0",
-        "GATEWAY_CONFIG": write_config(tmp_path, GENEROUS_LIMITS),
-        "REDIS_TIMEOUT_MS": HARNESS_REDIS_TIMEOUT_MS,
-    }
+    env = jwks_gateway_env(port, tmp_path)
     with served_gateway(emulator_url, redis_url, env) as gateway:
         async with gateway.client() as client:
             not_ready = await client.get("/readyz")
