@@ -21,7 +21,9 @@ no access log, loopback only). This module is also the entry point of those proc
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line),
   `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
-  `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `before-perf-changes` puts
+  `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
+  first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
+  through httpx) is the floor no feature work can go below; `before-perf-changes` puts
   back some of the slower code paths the benchmark's changes replaced (secret masking without its fast
   path, metric children looked up per call, one GET per listed conversation, upstream calls through
   AsyncClient.send), for a partial before/after in one run; a full one runs an earlier commit side by side.
@@ -74,8 +76,11 @@ ABLATIONS = (
     "no-ledger-write",
     "no-metrics",
     "no-gc-freeze",
+    "skeleton",
     "before-perf-changes",
 )
+# The features the gateway's issue asks to have on; without them only the request path's frame is left.
+SKELETON_REMOVES = ("no-logging", "no-ratelimit", "no-ledger-write", "no-metrics")
 
 
 # --- upstream payloads ------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ def gateway_factory() -> Any:
     from service.observability import configure_logging
     from service.settings import load_settings
 
-    levers = _levers()
+    levers = expand_levers(_levers())
     if "httpx-transport" in levers:
         import service.app
         import service.upstream
@@ -419,6 +424,13 @@ def _restore_slow_paths() -> None:
     UpstreamClient._dispatch = through_client_send  # type: ignore[method-assign]
     Metrics._child = labels_every_time  # type: ignore[method-assign]
     RedisLedger.lookup_many = pipelined_gets  # type: ignore[method-assign]
+
+
+def expand_levers(levers: set[str]) -> set[str]:
+    """Return `levers` with `skeleton` replaced by the ablations it stands for."""
+    if "skeleton" not in levers:
+        return set(levers)
+    return (levers - {"skeleton"}) | set(SKELETON_REMOVES)
 
 
 def _levers() -> set[str]:
