@@ -1,7 +1,9 @@
 """JWKS key cache: prefetch, background refresh, unknown-`kid` refetch with cooldown, one fetch in flight.
 
 Keys come only from the configured URL (never from a token's `jku`/`x5u`). A failed refresh keeps the
-last good key set, so an identity provider outage does not log everybody out.
+last good key set, so an identity provider outage does not log everybody out. Refetches are conditional
+(`If-None-Match` / `If-Modified-Since` from the last good response): a `304` renews the set's lifetime
+without a body, as RFC 9111 revalidation does.
 """
 
 from __future__ import annotations
@@ -175,6 +177,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
+def _validators_of(headers: httpx.Headers) -> dict[str, str]:
+    """Return the conditional-request headers that revalidate a response with these headers."""
+    validators: dict[str, str] = {}
+    etag = headers.get("etag")
+    if etag:
+        validators["If-None-Match"] = etag
+    last_modified = headers.get("last-modified")
+    if last_modified:
+        validators["If-Modified-Since"] = last_modified
+    return validators
+
+
 class JwksCache:
     """The key set of one JWKS URL, kept fresh in the background and refetched on an unknown `kid`."""
 
@@ -209,6 +223,8 @@ class JwksCache:
         self._loaded = False
         self._failures = 0
         self._last_unknown_kid_fetch: float | None = None
+        # Validators of the key set in use; sent back so an unchanged set costs the IdP no body.
+        self._validators: dict[str, str] = {}
         self.last_error: str | None = None
         self.fetched_at: float | None = None
         self.ttl_seconds: float = DEFAULT_TTL_SECONDS
@@ -282,7 +298,7 @@ class JwksCache:
 
     async def _fetch_and_store(self) -> bool:
         try:
-            keys, ttl = await self._fetch()
+            keys, ttl, validators = await self._fetch()
         except Exception as exc:
             reason = exc.detail if isinstance(exc, JwksFetchFailed) else f"unexpected {type(exc).__name__}"
             self._failures += 1
@@ -299,8 +315,10 @@ class JwksCache:
             self._notify("error")
             return False
         now = self._clock()
-        self._keys = keys
-        self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+        if keys is not None:
+            self._keys = keys
+            self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+            self._validators = validators
         self._loaded = True
         self._failures = 0
         self.last_error = None
@@ -317,13 +335,20 @@ class JwksCache:
             except Exception:  # a metrics callback must never break key refresh
                 logger.exception("JWKS refresh callback failed")
 
-    async def _fetch(self) -> tuple[tuple[VerificationKey, ...], float]:
+    async def _fetch(self) -> tuple[tuple[VerificationKey, ...] | None, float, dict[str, str]]:
+        """Return the fetched keys (None when a 304 confirmed the current set), their lifetime, validators."""
         if self._client is None:
             raise JwksFetchFailed("JWKS client is not started")
+        headers = {"Accept": "application/json, application/jwk-set+json"}
+        # Only with a set in hand: a 304 must always mean "the keys you hold are still current".
+        conditional = self._loaded and bool(self._validators)
+        if conditional:
+            headers.update(self._validators)
         try:
-            async with self._client.stream(
-                "GET", self.url, headers={"Accept": "application/json, application/jwk-set+json"}
-            ) as response:
+            async with self._client.stream("GET", self.url, headers=headers) as response:
+                ttl = ttl_from_cache_control(response.headers.get("cache-control"))
+                if response.status_code == 304 and conditional:
+                    return None, ttl, self._validators
                 if response.status_code != 200:
                     raise JwksFetchFailed(f"JWKS endpoint answered HTTP {response.status_code}")
                 declared = response.headers.get("content-length")
@@ -334,12 +359,12 @@ class JwksCache:
                     body.extend(chunk)
                     if len(body) > self._max_bytes:
                         raise JwksFetchFailed(f"JWKS response is larger than {self._max_bytes} bytes")
-                ttl = ttl_from_cache_control(response.headers.get("cache-control"))
+                validators = _validators_of(response.headers)
         except httpx.TimeoutException as exc:
             raise JwksFetchFailed("JWKS endpoint timed out") from exc
         except httpx.HTTPError as exc:
             raise JwksFetchFailed(f"JWKS endpoint unreachable ({type(exc).__name__})") from exc
-        return parse_jwks(bytes(body)), ttl
+        return parse_jwks(bytes(body)), ttl, validators
 
     async def _run(self) -> None:
         while True:

@@ -151,7 +151,11 @@ class JwksServerState:
     status: int = 200
     raw_body: bytes | None = None
     chunked: bool = False
+    etag: str | None = None
+    last_modified: str | None = None
     fetches: int = 0
+    not_modified: int = 0  # fetches answered 304 because a validator matched
+    conditions: list[dict[str, str]] = field(default_factory=list)  # validators each fetch sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
@@ -162,18 +166,40 @@ class JwksServerState:
             self.status = 200
             self.raw_body = None
             self.chunked = False
+            self.etag = None
+            self.last_modified = None
             self.fetches = 0
+            self.not_modified = 0
+            self.conditions = []
 
 
 def jwks_app(state: JwksServerState) -> Starlette:
     """Return a Starlette app serving `state` at /jwks.json."""
 
     async def jwks(request: Request) -> Response:
+        sent = {
+            name: request.headers[name]
+            for name in ("if-none-match", "if-modified-since")
+            if name in request.headers
+        }
         with state.lock:
             state.fetches += 1
+            state.conditions.append(sent)
             body = state.raw_body if state.raw_body is not None else json.dumps({"keys": state.keys}).encode()
             headers = {"Cache-Control": state.cache_control} if state.cache_control else {}
+            if state.etag is not None:
+                headers["ETag"] = state.etag
+            if state.last_modified is not None:
+                headers["Last-Modified"] = state.last_modified
             status, chunked = state.status, state.chunked
+            # A matching validator (RFC 9110 section 13.1: If-None-Match wins when both are sent).
+            if "if-none-match" in sent:
+                unchanged = sent["if-none-match"] == state.etag
+            else:
+                unchanged = "if-modified-since" in sent and sent["if-modified-since"] == state.last_modified
+            if status == 200 and unchanged:
+                state.not_modified += 1
+                return Response(status_code=304, headers=headers)
         if chunked:
 
             async def chunks() -> AsyncIterator[bytes]:

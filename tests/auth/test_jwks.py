@@ -207,6 +207,66 @@ async def test_background_task_refreshes_when_due(jwks: JwksServer, keys: Keys, 
         await cache.aclose()
 
 
+async def test_unchanged_key_set_is_revalidated_with_its_etag(
+    jwks: JwksServer, keys: Keys, clock: FakeClock
+) -> None:
+    jwks.state.etag = '"set-1"'
+    outcomes: list[str] = []
+    async with started(settings_for(jwks_issuer(jwks.url)), clock, on_jwks_refresh=outcomes.append) as auth:
+        cache = auth.jwks_caches[0]
+        assert jwks.state.conditions == [{}]
+        jwks.state.cache_control = "max-age=1200"
+        clock.advance(cache.ttl_seconds)
+        assert await cache.refresh_if_due()
+        assert jwks.state.conditions[-1] == {"if-none-match": '"set-1"'}
+        assert jwks.state.not_modified == 1
+        assert outcomes == ["ok", "ok"]
+        # The 304's own max-age schedules the next refresh; the keys in hand keep verifying.
+        assert cache.ttl_seconds == 1200.0
+        assert cache.next_refresh_at == pytest.approx(clock.now + 1200 * 0.9)
+        fresh = sign(claims(exp=int(clock.now) + 60), keys.rsa, "RS256", kid="k-rsa")
+        assert (await auth.authenticate(f"Bearer {fresh}")).user_id == "user-1"
+
+
+async def test_changed_key_set_is_fetched_whole_and_its_new_etag_kept(
+    jwks: JwksServer, keys: Keys, clock: FakeClock
+) -> None:
+    jwks.state.etag = '"set-1"'
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        jwks.state.keys = [*jwks.state.keys, public_jwk(keys.rsa2, "k-new")]
+        jwks.state.etag = '"set-2"'
+        rotated = sign(claims(sub="rotated"), keys.rsa2, "RS256", kid="k-new")
+        assert (await auth.authenticate(f"Bearer {rotated}")).user_id == "rotated"
+        assert jwks.state.not_modified == 0
+        cache = auth.jwks_caches[0]
+        clock.advance(cache.ttl_seconds)
+        assert await cache.refresh_if_due()
+        assert jwks.state.conditions == [{}, {"if-none-match": '"set-1"'}, {"if-none-match": '"set-2"'}]
+        assert jwks.state.not_modified == 1
+
+
+async def test_unknown_kid_refetch_is_conditional_and_a_304_leaves_it_unknown(
+    jwks: JwksServer, keys: Keys, clock: FakeClock
+) -> None:
+    jwks.state.last_modified = "Mon, 23 Nov 2026 10:00:00 GMT"
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        unknown = sign(claims(), keys.rsa2, "RS256", kid="k-unknown")
+        assert await rejection(auth, unknown) == "unknown key"
+        assert jwks.state.conditions[-1] == {"if-modified-since": "Mon, 23 Nov 2026 10:00:00 GMT"}
+        assert jwks.state.not_modified == 1
+        assert auth.jwks_caches[0].lookup("k-rsa") is not None
+
+
+async def test_304_to_an_unconditional_fetch_is_an_error(jwks: JwksServer, clock: FakeClock) -> None:
+    jwks.state.status = 304
+    jwks.state.raw_body = b""
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        ready, detail = auth.readiness()
+        assert not ready
+        assert "HTTP 304" in detail
+        assert auth.jwks_caches[0].keys == ()
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_oversized_jwks_response_is_refused(jwks: JwksServer, clock: FakeClock, chunked: bool) -> None:
     cache = JwksCache(jwks.url, clock=clock)
