@@ -2,9 +2,10 @@
 
 The upstream `user_id` of a conversation is chosen by the client that started it, so on its own it proves
 nothing; the ownership ledger (written when the gateway mints a signed URL) does. `grants` combines the two
-per `OWNERSHIP_MODE`, and `owned_conversation` is the one path every per-conversation route goes through:
-it always asks upstream before deciding, so a missing and a foreign conversation cost about the same time
-and end in the same 404.
+per `OWNERSHIP_MODE`. `owned_conversation` (details) always asks upstream before deciding, so a missing and
+a foreign conversation cost about the same time and end in the same 404. `authorize_conversation` (audio,
+feedback, delete) skips that upstream call only when the ledger alone grants the caller the conversation:
+every refusal still goes through the same upstream call, so refusals keep one shape whatever their cause.
 """
 
 from __future__ import annotations
@@ -62,16 +63,46 @@ def upstream_user_id(details: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+async def authorize_conversation(
+    services: Services, principal: Principal, conversation_id: str
+) -> str | None:
+    """Check that the caller may act on a conversation; return its agent id (uniform NotFound otherwise)."""
+    valid_conversation_id(conversation_id)
+    settings = services.settings
+    entry = await _ledger_entry(services, conversation_id)
+    # A ledger entry alone decides (DESIGN section 3), and it names the agent the URL was minted for:
+    # the owner's audio, feedback or delete costs one upstream call instead of two.
+    if (
+        entry is not None
+        and grants(settings.ownership_mode, principal.user_id, entry, None)
+        and agent_visible(principal, settings.allowed_agent_ids, entry.agent_id)
+    ):
+        return entry.agent_id
+    agent_id = (await _granted_details(services, principal, conversation_id, entry)).get("agent_id")
+    return agent_id if isinstance(agent_id, str) else None
+
+
 async def owned_conversation(
     services: Services, principal: Principal, conversation_id: str
 ) -> dict[str, Any]:
     """Return the upstream details of the caller's conversation, or raise the uniform NotFound."""
     valid_conversation_id(conversation_id)
-    settings = services.settings
-    mode = settings.ownership_mode
     # The ledger is read first (a failure is a 503: fail closed) and upstream is always asked afterwards,
     # so "foreign" and "missing" take the same path and time.
-    entry = None if mode == "user_id" else await services.ledger.lookup(conversation_id)
+    entry = await _ledger_entry(services, conversation_id)
+    return await _granted_details(services, principal, conversation_id, entry)
+
+
+async def _ledger_entry(services: Services, conversation_id: str) -> LedgerEntry | None:
+    if services.settings.ownership_mode == "user_id":
+        return None
+    return await services.ledger.lookup(conversation_id)
+
+
+async def _granted_details(
+    services: Services, principal: Principal, conversation_id: str, entry: LedgerEntry | None
+) -> dict[str, Any]:
+    settings = services.settings
     try:
         details = await services.upstream.get_conversation(conversation_id)
     except NotFound as exc:
@@ -80,7 +111,7 @@ async def owned_conversation(
         raise UpstreamError("upstream returned conversation details that are not an object")
     if details.get("conversation_id", conversation_id) != conversation_id:
         raise UpstreamError("upstream returned details of another conversation")
-    if not grants(mode, principal.user_id, entry, upstream_user_id(details)):
+    if not grants(settings.ownership_mode, principal.user_id, entry, upstream_user_id(details)):
         raise conversation_not_found()
     if not agent_visible(principal, settings.allowed_agent_ids, details.get("agent_id")):
         raise conversation_not_found()

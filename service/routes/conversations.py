@@ -6,7 +6,8 @@ A user never sees, hears, rates or deletes another user's conversation, whatever
   row the ownership mode does not grant, or whose agent the token may not use, is dropped; the
   `next_cursor` handed out is sealed to the caller (`service.cursors`);
 - every per-conversation route validates the id before it touches a URL and goes through
-  `service.ownership.owned_conversation`, which answers the same 404 for missing and foreign conversations;
+  `service.ownership` (`owned_conversation` for details, `authorize_conversation` for audio, feedback and
+  delete), which answers the same 404 for missing and foreign conversations;
 - details are redacted (`service.redaction`), audio is streamed chunk by chunk and the upstream stream is
   closed as soon as the client goes away.
 
@@ -19,7 +20,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -34,13 +35,20 @@ from service.cursors import MAX_CURSOR_LENGTH, CursorSealer
 from service.errors import (
     GatewayError,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     UpstreamError,
     headers_on_error,
 )
 from service.observability import audit, current_request_id
-from service.ownership import agent_visible, grants, owned_conversation
+from service.ownership import (
+    agent_visible,
+    authorize_conversation,
+    conversation_not_found,
+    grants,
+    owned_conversation,
+)
 from service.ratelimit import enforce
 from service.redaction import redact
 from service.state import principal_of, services_of
@@ -261,10 +269,11 @@ async def get_conversation_audio(request: Request) -> Response:
     services, principal, headers = await _admit(request, HISTORY_SCOPE, "history")
     with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
-        await owned_conversation(services, principal, conversation_id)
+        await authorize_conversation(services, principal, conversation_id)
         stack = contextlib.AsyncExitStack()
         try:
-            audio = await stack.enter_async_context(services.upstream.stream_audio(conversation_id))
+            with _uniform_not_found():
+                audio = await stack.enter_async_context(services.upstream.stream_audio(conversation_id))
         except BaseException:
             await stack.aclose()
             raise
@@ -352,9 +361,10 @@ async def send_feedback(request: Request) -> Response:
     with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         feedback = await _feedback_body(request)
-        details = await owned_conversation(services, principal, conversation_id)
-        result = await services.upstream.send_feedback(conversation_id, feedback)
-    _audit("feedback_sent", principal, conversation_id, details, feedback=feedback)
+        agent_id = await authorize_conversation(services, principal, conversation_id)
+        with _uniform_not_found():
+            result = await services.upstream.send_feedback(conversation_id, feedback)
+    _audit("feedback_sent", principal, conversation_id, agent_id, feedback=feedback)
     return _json(result if isinstance(result, dict) else {}, headers)
 
 
@@ -402,14 +412,15 @@ async def delete_conversation(request: Request) -> Response:
     services, principal, headers = await _admit(request, DELETE_SCOPE, "delete")
     with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
-        details = await owned_conversation(services, principal, conversation_id)
-        result = await services.upstream.delete_conversation(conversation_id)
+        agent_id = await authorize_conversation(services, principal, conversation_id)
+        with _uniform_not_found():
+            result = await services.upstream.delete_conversation(conversation_id)
     try:
         await services.ledger.remove(conversation_id)
     except GatewayError as exc:
         # The conversation is gone upstream; a leftover entry grants nothing and expires with its TTL.
         logger.warning("ledger entry not removed after delete: %s", type(exc).__name__)
-    _audit("conversation_deleted", principal, conversation_id, details)
+    _audit("conversation_deleted", principal, conversation_id, agent_id)
     return _json(result if isinstance(result, dict) else {}, headers)
 
 
@@ -431,15 +442,25 @@ async def _admit(
     return services, principal, {**decision.headers(), **PRIVATE_HEADERS}
 
 
+@contextlib.contextmanager
+def _uniform_not_found() -> Iterator[None]:
+    # A conversation the ledger granted may not exist upstream (a URL minted but never used, or one deleted
+    # meanwhile): its 404 must be the same as every other "not found".
+    try:
+        yield
+    except NotFound as exc:
+        raise conversation_not_found() from exc
+
+
 def _audit(
-    event: str, principal: Principal, conversation_id: str, details: Mapping[str, Any], **fields: Any
+    event: str, principal: Principal, conversation_id: str, agent_id: str | None, **fields: Any
 ) -> None:
     audit(
         event,
         user=principal.user_id,
         actor=principal.actor,
         conversation_id=conversation_id,
-        agent_id=details.get("agent_id"),
+        agent_id=agent_id,
         request_id=current_request_id(),
         **fields,
     )

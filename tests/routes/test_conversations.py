@@ -41,6 +41,12 @@ GRANTED: dict[OwnershipMode, set[str]] = {
     # user_id mode trusts the client-chosen upstream user_id: the spoof works there, by design of that mode.
     "user_id": {"own_minted", "own_unminted", "spoofed"},
 }
+# Outcomes the ledger alone decides in favour of alice: audio, feedback and delete then skip the details call.
+LEDGER_GRANTED: dict[OwnershipMode, set[str]] = {
+    "ledger_or_user_id": {"own_minted"},
+    "ledger": {"own_minted"},
+    "user_id": set(),
+}
 ALL_SCOPES = "convai:session convai:history convai:delete"
 
 
@@ -85,6 +91,11 @@ async def scenario(gw: Gateway, name: str, **spec: Any) -> str:
 async def upstream_calls(gw: Gateway, endpoint: str | None = None) -> list[dict[str, Any]]:
     """Return the emulator's request log, optionally for one endpoint."""
     return [r for r in await gw.upstream_requests() if endpoint is None or r["endpoint"] == endpoint]
+
+
+async def details_calls(gw: Gateway) -> int:
+    """Return how many upstream conversation-details calls the emulator has seen since its log was cleared."""
+    return len(await upstream_calls(gw, "get"))
 
 
 async def clear_upstream_log(gw: Gateway) -> None:
@@ -156,6 +167,7 @@ async def test_audio_is_streamed_to_the_owner_only_in_every_mode(mode_gateway: G
         await clear_upstream_log(gw)
         response = await gw.client.get(f"{LIST}/{conversation_id}/audio", headers=gw.headers("alice"))
         audio_calls = await upstream_calls(gw, "audio")
+        assert await details_calls(gw) == (0 if name in LEDGER_GRANTED[mode] else 1), (mode, name)
         if name in GRANTED[mode]:
             assert response.status_code == 200, (mode, name, response.text)
             assert response.content == audio_bytes(conversation_id, size)
@@ -180,14 +192,41 @@ async def test_feedback_reaches_upstream_for_the_owner_only_in_every_mode(mode_g
             f"{LIST}/{conversation_id}/feedback", json={"feedback": "dislike"}, headers=gw.headers("alice")
         )
         sent = await upstream_calls(gw, "feedback")
+        assert await details_calls(gw) == (0 if name in LEDGER_GRANTED[mode] else 1), (mode, name)
         if name in GRANTED[mode]:
             assert response.status_code == 200, (mode, name, response.text)
             assert [json.loads(c["body"]) for c in sent] == [{"feedback": "dislike"}]
-            assert any('"feedback_sent"' in line or "feedback_sent" in line for line in gw.logs)
+            # The audit line names the agent whether the ledger or the upstream details granted the call.
+            [audited] = [
+                line for line in gw.logs if line.startswith("feedback_sent") and conversation_id in line
+            ]
+            assert "'agent_id': 'agent_demo'" in audited, (mode, name)
         else:
             assert response.status_code == 404, (mode, name)
             assert response.content == reference
             assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [("GET", "/audio", None), ("POST", "/feedback", {"feedback": "like"}), ("DELETE", "", None)],
+)
+async def test_minted_but_never_started_conversation_is_the_uniform_404(
+    mode_gateway: Gateway, method: str, suffix: str, body: dict[str, str] | None
+) -> None:
+    gw = mode_gateway
+    alice = gw.headers("alice", scopes=ALL_SCOPES)
+    reference = await missing_body(gw, method, suffix, json=body)
+    minted = await gw.client.get(
+        "/v1/convai/conversation/get-signed-url", params={"agent_id": "agent_demo"}, headers=alice
+    )
+    assert minted.status_code == 200, minted.text
+    conversation_id = minted.json()["conversation_id"]
+    await clear_upstream_log(gw)
+    response = await gw.client.request(method, f"{LIST}/{conversation_id}{suffix}", headers=alice, json=body)
+    assert response.status_code == 404
+    assert response.content == reference
+    assert response.headers["cache-control"] == "private, no-store"
 
 
 async def test_delete_removes_the_owners_conversation_and_ledger_entry_only(mode_gateway: Gateway) -> None:
@@ -200,6 +239,7 @@ async def test_delete_removes_the_owners_conversation_and_ledger_entry_only(mode
         await clear_upstream_log(gw)
         response = await gw.client.delete(f"{LIST}/{conversation_id}", headers=alice)
         deletes = await upstream_calls(gw, "delete")
+        assert await details_calls(gw) == (0 if name in LEDGER_GRANTED[mode] else 1), (mode, name)
         if name in GRANTED[mode]:
             assert response.status_code == 200, (mode, name, response.text)
             assert response.json() == {}
@@ -252,9 +292,19 @@ async def test_history_routes_require_the_history_scope(gateway: Gateway) -> Non
 async def test_conversations_of_agents_outside_the_tokens_agents_claim_are_hidden(gateway: Gateway) -> None:
     other = await mint(gateway, "alice", upstream_user="alice", agent="agent_other")
     narrowed = gateway.headers("alice", agents=["agent_demo"], scopes=ALL_SCOPES)
-    for method, suffix in (("GET", ""), ("GET", "/audio"), ("DELETE", "")):
-        response = await gateway.client.request(method, f"{LIST}/{other}{suffix}", headers=narrowed)
+    for method, suffix, body in (
+        ("GET", "", None),
+        ("GET", "/audio", None),
+        ("POST", "/feedback", {"feedback": "like"}),
+        ("DELETE", "", None),
+    ):
+        # The ledger names alice as the owner, yet the token may not see the agent: still the uniform 404.
+        response = await gateway.client.request(
+            method, f"{LIST}/{other}{suffix}", headers=narrowed, json=body
+        )
         assert response.status_code == 404, suffix
+    actions = [c["endpoint"] for c in await upstream_calls(gateway) if c["endpoint"] != "get"]
+    assert actions == ["get_signed_url"], "no audio, feedback or delete may reach upstream"
     assert (await gateway.client.get(f"{LIST}/{other}", headers=gateway.headers("alice"))).status_code == 200
 
 
