@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> Starlette:
             # redis-py's async cluster client fails commands that race its first topology discovery;
             # with retries off (the breaker decides) that must happen before traffic, once.
             await redis.initialize()
-        transport = create_transport()
+        transport = create_transport(proxy=settings.egress_proxy_url)
         http = create_http_client(settings, transport=transport)
         upstream = UpstreamClient(
             http,

@@ -133,6 +133,7 @@ class Authenticator:
                         transport=transport,
                         on_refresh=on_jwks_refresh,
                         unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown_seconds,
+                        proxy=settings.egress_proxy_url,
                     )
                     caches[config.jwks_url] = jwks
             self._issuers.append(

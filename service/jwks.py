@@ -25,7 +25,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from service.errors import ServiceUnavailable
-from service.settings import is_loopback_host
+from service.settings import Secret, is_loopback_host
 
 logger = logging.getLogger("service.jwks")
 
@@ -203,6 +203,7 @@ class JwksCache:
         max_bytes: int = MAX_JWKS_BYTES,
         timeout: float = 3.0,
         poll_seconds: float = 30.0,
+        proxy: Secret | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname)):
@@ -210,6 +211,7 @@ class JwksCache:
         self.url = url
         self._clock = clock
         self._transport = transport
+        self._proxy = proxy
         self._on_refresh = on_refresh
         self._cooldown = unknown_kid_cooldown
         self._max_bytes = max_bytes
@@ -243,8 +245,12 @@ class JwksCache:
     async def start(self) -> None:
         """Open the HTTP client, prefetch the key set (never raising) and start the background refresh."""
         if self._client is None:
+            # Only EGRESS_PROXY_URL reroutes the fetch; proxy variables in the environment are ignored.
+            transport = self._transport or httpx.AsyncHTTPTransport(
+                trust_env=False, proxy=self._proxy.reveal() if self._proxy is not None else None
+            )
             self._client = httpx.AsyncClient(
-                transport=self._transport, timeout=self._timeout, follow_redirects=False
+                transport=transport, timeout=self._timeout, follow_redirects=False, trust_env=False
             )
         await self.refresh()
         if self._task is None:

@@ -136,6 +136,7 @@ class Settings:
     upstream_audio_read_timeout: float = 60.0
     upstream_max_retries: int = 2
     request_body_timeout_seconds: float = 10.0
+    egress_proxy_url: Secret | None = None
     gateway_config: str | None = None
 
     @property
@@ -223,6 +224,31 @@ def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -
     parts = urlsplit(url)
     if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
         reader.problems.append(f"{name}: must be a URL with scheme {'/'.join(schemes)}; got {url!r}")
+
+
+def _egress_proxy(reader: _Reader) -> Secret | None:
+    value = reader.raw("EGRESS_PROXY_URL")
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        # Never echoed: a proxy URL may carry a password.
+        reader.problems.append(
+            "EGRESS_PROXY_URL: must be http://[user:password@]host:port or https://...; value not shown"
+        )
+        return None
+    return Secret(value)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -546,6 +572,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         upstream_max_retries=reader.integer("UPSTREAM_MAX_RETRIES", 2, low=0, high=5),
         request_body_timeout_seconds=reader.number("REQUEST_BODY_TIMEOUT_SECONDS", 10.0, low=0.05, high=600),
+        egress_proxy_url=_egress_proxy(reader),
         gateway_config=reader.raw("GATEWAY_CONFIG"),
     )
     if reader.problems:

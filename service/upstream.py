@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NoReturn
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -42,7 +42,7 @@ from service.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from service.settings import Settings
+from service.settings import Secret, Settings
 
 logger = logging.getLogger("service.upstream")
 
@@ -126,8 +126,15 @@ class _AiohttpStream(httpx.AsyncByteStream):
 class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
     """httpx-aiohttp's transport with a cookieless session created inside the running loop."""
 
-    def __init__(self, limits: httpx.Limits = UPSTREAM_LIMITS) -> None:
+    def __init__(self, limits: httpx.Limits = UPSTREAM_LIMITS, *, proxy: str | None = None) -> None:
+        """Use `limits` for the pool, and `proxy` (http(s)://[user:password@]host:port) for every request."""
         self._limits = limits
+        self._proxy: str | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy is not None:
+            self._proxy, authorization = split_proxy_url(proxy)
+            if authorization is not None:
+                self._proxy_headers = {"Proxy-Authorization": authorization}
         # The transport calls `_new_session` on its first request, so the aiohttp session (bound to an
         # event loop) is created inside the loop that uses it, never at import or construction time.
         self._inner = AiohttpTransport(limits=limits, trust_env=False, client=self._new_session)
@@ -164,11 +171,16 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             data = request.stream  # type: ignore[assignment]
             request.headers.pop("transfer-encoding", None)  # aiohttp frames the body itself
+        headers = _header_pairs(request.headers)
+        if self._proxy_headers is not None and request.url.scheme == "http":
+            # A plain-http request goes to the proxy itself, so its credentials ride on it; aiohttp sends
+            # proxy_headers only on the CONNECT that tunnels an https request.
+            headers.extend(self._proxy_headers.items())
         try:
             response = await session.request(
                 method=request.method,
                 url=str(request.url),
-                headers=_header_pairs(request.headers),
+                headers=headers,
                 data=data,
                 allow_redirects=False,
                 auto_decompress=False,
@@ -179,6 +191,8 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
                     connect=timeout.get("pool"),
                 ),
                 server_hostname=request.extensions.get("sni_hostname"),
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             ).__aenter__()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _httpx_error_for(exc, request) from exc
@@ -215,6 +229,20 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+def split_proxy_url(url: str) -> tuple[str, str | None]:
+    """Split a proxy URL into the URL without credentials and its Proxy-Authorization value, if any."""
+    # Credentials travel as Proxy-Authorization only, never inside a URL that an error message could show.
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    authorization = None
+    if parts.username is not None:
+        authorization = aiohttp.encode_basic_auth(unquote(parts.username), unquote(parts.password or ""))
+    return urlunsplit((parts.scheme, netloc, "", "", "")), authorization
+
+
 def _header_pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
     # What iterating httpx.Headers yields, decoded with one lookup of its encoding instead of one per item.
     encoding = headers.encoding
@@ -222,12 +250,16 @@ def _header_pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
 
 
 def create_transport(
-    kind: TransportKind = DEFAULT_TRANSPORT, *, limits: httpx.Limits = UPSTREAM_LIMITS
+    kind: TransportKind = DEFAULT_TRANSPORT,
+    *,
+    limits: httpx.Limits = UPSTREAM_LIMITS,
+    proxy: Secret | None = None,
 ) -> httpx.AsyncBaseTransport:
-    """Build the upstream transport: httpx-aiohttp (`aiohttp`) or httpx's own (`httpx`)."""
+    """Build the upstream transport: httpx-aiohttp (`aiohttp`) or httpx's own (`httpx`), through `proxy` if set."""
+    proxy_url = proxy.reveal() if proxy is not None else None
     if kind == "aiohttp":
-        return AiohttpUpstreamTransport(limits)
-    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        return AiohttpUpstreamTransport(limits, proxy=proxy_url)
+    return httpx.AsyncHTTPTransport(limits=limits, trust_env=False, proxy=proxy_url)
 
 
 def create_http_client(

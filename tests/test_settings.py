@@ -34,6 +34,7 @@ def test_minimal_environment_gives_documented_defaults() -> None:
     assert settings.rate_limit_on_redis_error == "local"
     assert settings.redis_timeout_seconds == pytest.approx(0.1)
     assert settings.redis_pipeline_limit == 100
+    assert settings.egress_proxy_url is None
     assert settings.redis_url is None
     assert dict(settings.rate_limits) == dict(DEFAULT_RATE_LIMITS)
     assert settings.issuers[0].algorithms == ("HS256",)
@@ -128,6 +129,34 @@ def test_api_key_file_is_read_and_exclusive(tmp_path: Path) -> None:
     assert any("both set" in p for p in found)
     found = problems({**env, "ELEVENLABS_API_KEY_FILE": str(tmp_path / "missing")})
     assert any(p.startswith("ELEVENLABS_API_KEY_FILE: cannot read") for p in found)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ftp://user:hunter2pw@proxy.internal:3128",
+        "http://user:hunter2pw@",
+        "http://user:hunter2pw@proxy.internal:3128/some/path",
+        "http://user:hunter2pw@proxy.internal:3128?x=1",
+        "http://user:hunter2pw@proxy.internal:notaport",
+        "proxy.internal:3128",
+    ],
+)
+def test_bad_egress_proxy_url_is_refused_without_echoing_it(value: str) -> None:
+    found = problems({**GOOD, "EGRESS_PROXY_URL": value})
+    [problem] = [p for p in found if p.startswith("EGRESS_PROXY_URL:")]
+    assert "http://[user:password@]host:port" in problem
+    assert "hunter2pw" not in "\n".join(found)
+    assert "proxy.internal" not in problem
+
+
+@pytest.mark.parametrize(
+    "value", ["http://proxy.internal:3128", "https://user:pw@proxy.internal:3129/", "http://[::1]:8888"]
+)
+def test_egress_proxy_url_is_kept_as_a_secret(value: str) -> None:
+    settings = load_settings({**GOOD, "EGRESS_PROXY_URL": value})
+    assert settings.egress_proxy_url == Secret(value)
+    assert "proxy.internal" not in repr(settings)
 
 
 def test_secrets_never_show_in_repr() -> None:
