@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
@@ -34,6 +34,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
@@ -183,7 +184,7 @@ class Metrics:
         """Render all metrics in the Prometheus text format, aggregated across workers in multiprocess mode."""
         if self.multiprocess_dir is not None:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            _ReapingCollector(registry, self.multiprocess_dir)
             return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
@@ -201,6 +202,48 @@ def mark_process_dead(pid: int) -> None:
     path = os.environ.get(MULTIPROC_ENV)
     if path:
         multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+_LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def reap_dead_workers(path: str) -> list[int]:
+    """Drop the live gauges of every worker whose process is gone from `path`; return their pids."""
+    # uvicorn's supervisor replaces a crashed worker without any child-exit hook, so a dead worker's
+    # livemax/livesum files (the circuit breaker state) would otherwise be aggregated forever.
+    dead: set[int] = set()
+    with os.scandir(path) as entries:
+        for entry in entries:
+            match = _LIVE_GAUGE_FILE.fullmatch(entry.name)
+            if match is not None and not _process_exists(int(match.group(1))):
+                dead.add(int(match.group(1)))
+    for pid in sorted(dead):
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+    return sorted(dead)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+class _ReapingCollector(multiprocess.MultiProcessCollector):
+    """Aggregate every worker's metric files, first dropping the live gauges of workers that are gone."""
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
+        self._reap_path = path
+
+    def collect(self) -> Iterable[Metric]:
+        """Reap dead workers' live gauges, then collect the files that remain."""
+        reap_dead_workers(self._reap_path)
+        collected: Iterable[Metric] = super().collect()  # type: ignore[no-untyped-call]
+        return collected
 
 
 @dataclass(frozen=True)
@@ -229,7 +272,7 @@ def serve_metrics_port(host: str, port: int) -> MetricsServer:
         # The app's registry lives in the workers; only the shared directory can be read from here.
         raise RuntimeError(f"a separate metrics port needs {MULTIPROC_ENV} to be set")
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    _ReapingCollector(registry, path)
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,7 +16,13 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from service.observability import MULTIPROC_ENV, Metrics, mark_process_dead, serve_metrics_port
+from service.observability import (
+    MULTIPROC_ENV,
+    Metrics,
+    mark_process_dead,
+    reap_dead_workers,
+    serve_metrics_port,
+)
 from tests.observability.support import FakeClock, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,31 +223,93 @@ print(json.dumps({"pid": os.getpid()}))
 """
 
 
+@contextlib.contextmanager
+def live_workers(directory: Path, *states: str) -> Iterator[list[subprocess.Popen[str]]]:
+    """Run one worker process per circuit state that stays alive (until its stdin closes) for the block."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        MULTIPROC_ENV: str(directory),
+        "PYTHONPATH": str(ROOT),
+    }
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        for state in states:
+            worker = subprocess.Popen(
+                [sys.executable, "-c", WORKER + "sys.stdout.flush()\nsys.stdin.read()\n", state],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            workers.append(worker)
+            assert worker.stdout is not None
+            # The pid line comes after the metrics are written: the worker is ready once it is read.
+            assert json.loads(worker.stdout.readline())["pid"] == worker.pid
+        yield workers
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+
+
+def stop_worker(worker: subprocess.Popen[str]) -> None:
+    """Let a live worker exit and reap it."""
+    if worker.stdin is not None and not worker.stdin.closed:
+        worker.stdin.close()
+    worker.wait(timeout=30)
+    if worker.stdout is not None:
+        worker.stdout.close()
+
+
 async def test_multiprocess_mode_aggregates_workers(multiproc_dir: Path) -> None:
-    open_pid, _ = run_workers(multiproc_dir, "open", "closed")
-    assert list(multiproc_dir.glob("*.db")), "workers wrote no metric files"
+    with live_workers(multiproc_dir, "open", "closed") as (open_worker, _):
+        assert list(multiproc_dir.glob("*.db")), "workers wrote no metric files"
+        metrics = Metrics()
+        async with client(build_app(metrics)) as http:
+            response = await http.get("/metrics")
+        body = response.content
+        route = "/v1/convai/conversations"
+        assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
+        assert (
+            value(body, "convai_gateway_http_request_duration_seconds_count", method="GET", route=route) == 2
+        )
+        assert (
+            value(body, "convai_gateway_rate_limit_decisions_total", policy="user-history", outcome="allowed")
+            == 2
+        )
+        # livemax: one worker's open breaker shows, whatever the others say.
+        assert value(body, "convai_gateway_redis_circuit_state", state="open") == 1
+        assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
 
-    metrics = Metrics()
-    async with client(build_app(metrics)) as http:
-        response = await http.get("/metrics")
-    body = response.content
-    route = "/v1/convai/conversations"
-    assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
-    assert value(body, "convai_gateway_http_request_duration_seconds_count", method="GET", route=route) == 2
-    assert (
-        value(body, "convai_gateway_rate_limit_decisions_total", policy="user-history", outcome="allowed")
-        == 2
-    )
-    # livemax: one worker's open breaker shows, whatever the others say.
-    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 1
-    assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
+        mark_process_dead(open_worker.pid)
+        body, _ = metrics.render()
+        assert value(body, "convai_gateway_redis_circuit_state", state="open") == 0
+        assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
+        # Counters of a dead worker still count.
+        assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
 
-    mark_process_dead(open_pid)
-    body, _ = metrics.render()
-    assert value(body, "convai_gateway_redis_circuit_state", state="open") == 0
-    assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
-    # Counters of a dead worker still count.
-    assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
+
+async def test_a_worker_that_died_without_a_hook_stops_showing_its_circuit_state(multiproc_dir: Path) -> None:
+    # uvicorn's supervisor replaces a crashed worker and tells nobody: the next scrape must notice by itself.
+    with live_workers(multiproc_dir, "open", "closed") as (open_worker, closed_worker):
+        metrics = Metrics()
+        assert value(metrics.render()[0], "convai_gateway_redis_circuit_state", state="open") == 1
+        stop_worker(open_worker)
+        body, _ = metrics.render()
+        assert value(body, "convai_gateway_redis_circuit_state", state="open") == 0
+        assert value(body, "convai_gateway_redis_circuit_state", state="closed") == 1
+        assert not list(multiproc_dir.glob(f"gauge_livemax_{open_worker.pid}.db"))
+        assert list(multiproc_dir.glob(f"gauge_livemax_{closed_worker.pid}.db"))
+        route = "/v1/convai/conversations"
+        assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
+
+
+def test_reap_dead_workers_names_only_the_gone_ones(multiproc_dir: Path) -> None:
+    gone = run_workers(multiproc_dir, "open", "half_open")
+    with live_workers(multiproc_dir, "closed") as (alive,):
+        assert reap_dead_workers(str(multiproc_dir)) == sorted(gone)
+        assert reap_dead_workers(str(multiproc_dir)) == []
+        assert list(multiproc_dir.glob(f"gauge_livemax_{alive.pid}.db"))
 
 
 def test_multiprocess_mode_applies_even_when_the_env_is_set_after_import(multiproc_dir: Path) -> None:
@@ -266,18 +335,21 @@ def test_multiprocess_mode_applies_even_when_the_env_is_set_after_import(multipr
 
 
 def test_separate_metrics_port_serves_all_workers(multiproc_dir: Path) -> None:
-    run_workers(multiproc_dir, "open", "closed")
-    server = serve_metrics_port("127.0.0.1", 0)
-    try:
-        response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
-    finally:
-        server.close()
+    run_workers(multiproc_dir, "open")  # exited: its counters count, its circuit state is gone
+    with live_workers(multiproc_dir, "closed"):
+        server = serve_metrics_port("127.0.0.1", 0)
+        try:
+            response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+        finally:
+            server.close()
     assert response.status_code == 200
     route = "/v1/convai/conversations"
     assert (
         value(response.content, "convai_gateway_http_requests_total", method="GET", route=route, status="200")
         == 2
     )
+    assert value(response.content, "convai_gateway_redis_circuit_state", state="open") == 0
+    assert value(response.content, "convai_gateway_redis_circuit_state", state="closed") == 1
 
 
 def test_separate_metrics_port_requires_multiprocess_dir(monkeypatch: pytest.MonkeyPatch) -> None:
