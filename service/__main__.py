@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.observability import configure_logging, serve_metrics_port
+    from service.server_protocol import HeaderDeadlineProtocol
 
     configure_logging(settings.log_level)
     workers = args.workers
@@ -73,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # one structured line per request comes from the app itself
         timeout_graceful_shutdown=args.graceful_timeout,
         timeout_keep_alive=5,
+        http=HeaderDeadlineProtocol,  # uvicorn's httptools protocol with a request-header deadline
     )
     return 0
 

@@ -136,6 +136,7 @@ class Settings:
     upstream_audio_read_timeout: float = 60.0
     upstream_max_retries: int = 2
     request_body_timeout_seconds: float = 10.0
+    request_header_timeout_seconds: float = 10.0
     egress_proxy_url: Secret | None = None
     gateway_config: str | None = None
 
@@ -572,6 +573,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         upstream_max_retries=reader.integer("UPSTREAM_MAX_RETRIES", 2, low=0, high=5),
         request_body_timeout_seconds=reader.number("REQUEST_BODY_TIMEOUT_SECONDS", 10.0, low=0.05, high=600),
+        request_header_timeout_seconds=reader.number(
+            "REQUEST_HEADER_TIMEOUT_SECONDS", 10.0, low=0.05, high=600
+        ),
         egress_proxy_url=_egress_proxy(reader),
         gateway_config=reader.raw("GATEWAY_CONFIG"),
     )

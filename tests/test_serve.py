@@ -1,10 +1,11 @@
-"""`convai-gateway serve`: several workers share metrics and log, and SIGTERM lets in-flight requests finish."""
+"""`convai-gateway serve`: workers share metrics and logs, SIGTERM lets requests finish, slow headers are cut off."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,7 +61,9 @@ def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served
             for k, v in os.environ.items()
             if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "PROMETHEUS_"))
         },
-        **gateway_env(emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="INFO"),
+        **gateway_env(
+            emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="INFO", REQUEST_HEADER_TIMEOUT_SECONDS="1"
+        ),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
     (tmp_path / "metrics").mkdir()
@@ -149,3 +152,64 @@ def test_sigterm_lets_in_flight_requests_finish(served: Served, emulator_url: st
     thread.join(timeout=20)
     assert result == {"status": 200}
     assert exit_status == 0
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Return everything the server sends until it closes the connection (the socket timeout bounds the wait)."""
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Read one complete response (headers and a Content-Length body) from a kept-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed a healthy keep-alive connection"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    [length] = [
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    ]
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection mid-response"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _connect(served: Served) -> socket.socket:
+    port = int(served.base.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def test_request_headers_that_never_complete_get_408_and_the_connection_closed(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
+        started = time.monotonic()
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert b"Connection: close" in answer
+    # REQUEST_HEADER_TIMEOUT_SECONDS=1 here; the socket's own timeout (10 s) would have raised instead.
+    assert time.monotonic() - started < 10
+
+
+def test_a_connection_that_sends_nothing_is_closed(served: Served) -> None:
+    with _connect(served) as sock:
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_each_kept_alive_request_gets_its_own_header_deadline(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        first = _read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gat")
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer

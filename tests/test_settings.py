@@ -35,6 +35,7 @@ def test_minimal_environment_gives_documented_defaults() -> None:
     assert settings.redis_timeout_seconds == pytest.approx(0.1)
     assert settings.redis_pipeline_limit == 100
     assert settings.egress_proxy_url is None
+    assert settings.request_header_timeout_seconds == pytest.approx(10.0)
     assert settings.redis_url is None
     assert dict(settings.rate_limits) == dict(DEFAULT_RATE_LIMITS)
     assert settings.issuers[0].algorithms == ("HS256",)
@@ -96,6 +97,8 @@ def test_every_contract_name_is_read() -> None:
         ("REDIS_PIPELINE_LIMIT", "-1", "REDIS_PIPELINE_LIMIT: must be between 0 and 10000"),
         ("REDIS_PIPELINE_LIMIT", "many", "REDIS_PIPELINE_LIMIT: expected an integer"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),
+        ("REQUEST_HEADER_TIMEOUT_SECONDS", "0", "REQUEST_HEADER_TIMEOUT_SECONDS: must be between"),
+        ("REQUEST_HEADER_TIMEOUT_SECONDS", "soon", "REQUEST_HEADER_TIMEOUT_SECONDS: expected a number"),
         ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must be a URL with scheme"),
         ("ELEVENLABS_BASE_URL", "ftp://x", "ELEVENLABS_BASE_URL: must be a URL"),
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip", "TRUSTED_PROXIES: 'not-an-ip'"),
