@@ -36,8 +36,6 @@ def configured_header_timeout() -> float:
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 408 and closes when request headers arrive too slowly."""
 
-    header_timeout: float | None = None  # None: the process's REQUEST_HEADER_TIMEOUT_SECONDS
-
     _header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -62,8 +60,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
-        timeout = self.header_timeout if self.header_timeout is not None else configured_header_timeout()
-        self._header_deadline = self.loop.call_later(timeout, self._headers_too_slow)
+        self._header_deadline = self.loop.call_later(configured_header_timeout(), self._headers_too_slow)
 
     def _cancel_header_deadline(self) -> None:
         if self._header_deadline is not None:
