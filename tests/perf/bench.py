@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -44,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from service.observability import ACCESS_LOGGER
 from tests.perf import targets as t
 from tests.perf.load import Measurement, Workload, generator_name, measure, soak
 from tests.perf.procs import Child, Processes, sigterm_raises, wait_http
@@ -390,6 +392,7 @@ def _soak(
         options,
         f"# soak: {options.soak_warmup} warm-up requests, then {options.soak_requests} (c={concurrency})",
     )
+    logged_before = child.log_path.stat().st_size
     warm = soak(url, mixed, options.soak_warmup, concurrency, workdir) if options.soak_warmup else None
     before = child.rss_kib()
     began = time.perf_counter()
@@ -397,10 +400,13 @@ def _soak(
     elapsed = time.perf_counter() - began
     after = child.rss_kib()
     growth = 100.0 * (after - before) / before
+    problems = gateway_log_problems(child.log_path, logged_before)
     _say(
         options,
         f"# soak: RSS {before} KiB -> {after} KiB ({growth:+.2f} %), {done.requests} requests in {elapsed:.0f} s",
     )
+    if problems["responses_5xx"] or problems["warnings"]:
+        _say(options, f"# soak: the gateway logged {json.dumps(problems)}")
     return {
         "warmup_requests": warm.requests if warm else 0,
         "requests": done.requests,
@@ -412,7 +418,30 @@ def _soak(
         "rss_growth_percent": round(growth, 2),
         "mix": list(ENDPOINTS),
         "concurrency": concurrency,
+        "gateway_log": problems,
     }
+
+
+def gateway_log_problems(path: Path, offset: int = 0) -> dict[str, dict[str, int]]:
+    """Count the 5xx access lines (by status) and WARNING+ messages a gateway's JSON log holds after `offset`."""
+    # A soak's failed requests are otherwise just a number; the gateway's own log says what they were.
+    statuses: Counter[str] = Counter()
+    warnings: Counter[str] = Counter()
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        for raw in handle:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(line, dict):
+                continue
+            status = line.get("status")
+            if line.get("logger") == ACCESS_LOGGER and isinstance(status, int) and status >= 500:
+                statuses[str(status)] += 1
+            elif line.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+                warnings[str(line.get("msg"))[:120]] += 1
+    return {"responses_5xx": dict(statuses), "warnings": dict(warnings.most_common(5))}
 
 
 def _count_lines(path: Path) -> int:
