@@ -238,16 +238,15 @@ def _egress_proxy(reader: _Reader) -> Secret | None:
         parts = None
     if (
         parts is None
-        or parts.scheme not in ("http", "https")
+        or parts.scheme != "http"
         or not parts.hostname
         or parts.path not in ("", "/")
         or parts.query
         or parts.fragment
     ):
-        # Never echoed: a proxy URL may carry a password.
-        reader.problems.append(
-            "EGRESS_PROXY_URL: must be http://[user:password@]host:port or https://...; value not shown"
-        )
+        # Never echoed: a proxy URL may carry a password. https:// proxies are refused rather than trusted
+        # untested (verifying one would need its CA too); an https upstream still travels inside CONNECT.
+        reader.problems.append("EGRESS_PROXY_URL: must be http://[user:password@]host:port; value not shown")
         return None
     return Secret(value)
 

@@ -127,7 +127,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
     """httpx-aiohttp's transport with a cookieless session created inside the running loop."""
 
     def __init__(self, limits: httpx.Limits = UPSTREAM_LIMITS, *, proxy: str | None = None) -> None:
-        """Use `limits` for the pool, and `proxy` (http(s)://[user:password@]host:port) for every request."""
+        """Use `limits` for the pool, and `proxy` (http://[user:password@]host:port) for every request."""
         self._limits = limits
         self._proxy: str | None = None
         self._proxy_headers: dict[str, str] | None = None

@@ -104,7 +104,7 @@ async def test_unreachable_egress_proxy_fails_the_call_without_showing_its_crede
     ("url", "bare", "credentials"),
     [
         ("http://proxy.internal:3128", "http://proxy.internal:3128", None),
-        ("https://u:p%40ss@proxy.internal:3129/", "https://proxy.internal:3129", "u:p@ss"),
+        ("http://u:p%40ss@proxy.internal:3129/", "http://proxy.internal:3129", "u:p@ss"),
         ("http://u@[::1]:8888", "http://[::1]:8888", "u:"),
     ],
 )

@@ -138,6 +138,7 @@ def test_api_key_file_is_read_and_exclusive(tmp_path: Path) -> None:
     "value",
     [
         "ftp://user:hunter2pw@proxy.internal:3128",
+        "https://user:hunter2pw@proxy.internal:3129",
         "http://user:hunter2pw@",
         "http://user:hunter2pw@proxy.internal:3128/some/path",
         "http://user:hunter2pw@proxy.internal:3128?x=1",
@@ -154,7 +155,7 @@ def test_bad_egress_proxy_url_is_refused_without_echoing_it(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["http://proxy.internal:3128", "https://user:pw@proxy.internal:3129/", "http://[::1]:8888"]
+    "value", ["http://proxy.internal:3128", "http://user:pw@proxy.internal:3129/", "http://[::1]:8888"]
 )
 def test_egress_proxy_url_is_kept_as_a_secret(value: str) -> None:
     settings = load_settings({**GOOD, "EGRESS_PROXY_URL": value})
