@@ -10,7 +10,8 @@ every refusal still goes through the same upstream call, so refusals keep one sh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from service.errors import NotFound, UpstreamError
@@ -28,6 +29,17 @@ NOT_FOUND_DETAIL = "conversation not found"
 def conversation_not_found() -> NotFound:
     """Return the one 404 used for missing and foreign conversations alike (same body, same headers)."""
     return NotFound(NOT_FOUND_DETAIL)
+
+
+@contextlib.contextmanager
+def uniform_not_found() -> Iterator[None]:
+    """Turn an upstream 404 raised in the block into the one conversation 404."""
+    # Also for an action on a conversation the ledger granted that upstream does not know (a URL minted but
+    # never used, or one deleted meanwhile): its 404 must be the same as every other "not found".
+    try:
+        yield
+    except NotFound as exc:
+        raise conversation_not_found() from exc
 
 
 def grants(
@@ -103,10 +115,8 @@ async def _granted_details(
     services: Services, principal: Principal, conversation_id: str, entry: LedgerEntry | None
 ) -> dict[str, Any]:
     settings = services.settings
-    try:
+    with uniform_not_found():
         details = await services.upstream.get_conversation(conversation_id)
-    except NotFound as exc:
-        raise conversation_not_found() from exc
     if not isinstance(details, dict):
         raise UpstreamError("upstream returned conversation details that are not an object")
     if details.get("conversation_id", conversation_id) != conversation_id:

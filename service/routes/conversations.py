@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,7 +35,6 @@ from service.cursors import MAX_CURSOR_LENGTH, CursorSealer
 from service.errors import (
     GatewayError,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     UpstreamError,
@@ -45,9 +44,9 @@ from service.observability import audit, current_request_id
 from service.ownership import (
     agent_visible,
     authorize_conversation,
-    conversation_not_found,
     grants,
     owned_conversation,
+    uniform_not_found,
 )
 from service.ratelimit import enforce
 from service.redaction import redact
@@ -272,7 +271,7 @@ async def get_conversation_audio(request: Request) -> Response:
         await authorize_conversation(services, principal, conversation_id)
         stack = contextlib.AsyncExitStack()
         try:
-            with _uniform_not_found():
+            with uniform_not_found():
                 audio = await stack.enter_async_context(services.upstream.stream_audio(conversation_id))
         except BaseException:
             await stack.aclose()
@@ -362,7 +361,7 @@ async def send_feedback(request: Request) -> Response:
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         feedback = await _feedback_body(request)
         agent_id = await authorize_conversation(services, principal, conversation_id)
-        with _uniform_not_found():
+        with uniform_not_found():
             result = await services.upstream.send_feedback(conversation_id, feedback)
     _audit("feedback_sent", principal, conversation_id, agent_id, feedback=feedback)
     return _json(result if isinstance(result, dict) else {}, headers)
@@ -413,7 +412,7 @@ async def delete_conversation(request: Request) -> Response:
     with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         agent_id = await authorize_conversation(services, principal, conversation_id)
-        with _uniform_not_found():
+        with uniform_not_found():
             result = await services.upstream.delete_conversation(conversation_id)
     try:
         await services.ledger.remove(conversation_id)
@@ -440,16 +439,6 @@ async def _admit(
     principal.require_scope(scope)
     decision = await enforce(services.limiter, services.settings, route_class, user_id=principal.user_id)
     return services, principal, {**decision.headers(), **PRIVATE_HEADERS}
-
-
-@contextlib.contextmanager
-def _uniform_not_found() -> Iterator[None]:
-    # A conversation the ledger granted may not exist upstream (a URL minted but never used, or one deleted
-    # meanwhile): its 404 must be the same as every other "not found".
-    try:
-        yield
-    except NotFound as exc:
-        raise conversation_not_found() from exc
 
 
 def _audit(
