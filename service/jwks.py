@@ -25,7 +25,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from service.errors import ServiceUnavailable
-from service.settings import Secret, is_loopback_host
+from service.settings import Secret, is_loopback_host, netloc_without_credentials
 
 logger = logging.getLogger("service.jwks")
 
@@ -90,10 +90,7 @@ def key_family(key: Any) -> str | None:
 def safe_url(url: str) -> str:
     """Return `url` without query, fragment or credentials, for logs and readiness details."""
     parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, netloc_without_credentials(parts), parts.path, "", ""))
 
 
 def ttl_from_cache_control(header: str | None) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 OwnershipMode = Literal["ledger_or_user_id", "ledger", "user_id"]
 RedisErrorMode = Literal["local", "open", "closed"]
@@ -249,6 +249,15 @@ def _egress_proxy(reader: _Reader) -> Secret | None:
         reader.problems.append("EGRESS_PROXY_URL: must be http://[user:password@]host:port; value not shown")
         return None
     return Secret(value)
+
+
+def netloc_without_credentials(parts: SplitResult) -> str:
+    """Return the host[:port] of a split URL, without any user:password (IPv6 hosts in brackets)."""
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return netloc
 
 
 def is_loopback_host(host: str | None) -> bool:

@@ -42,7 +42,7 @@ from service.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
-from service.settings import Secret, Settings
+from service.settings import Secret, Settings, netloc_without_credentials
 
 logger = logging.getLogger("service.upstream")
 
@@ -233,14 +233,10 @@ def split_proxy_url(url: str) -> tuple[str, str | None]:
     """Split a proxy URL into the URL without credentials and its Proxy-Authorization value, if any."""
     # Credentials travel as Proxy-Authorization only, never inside a URL that an error message could show.
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
     authorization = None
     if parts.username is not None:
         authorization = aiohttp.encode_basic_auth(unquote(parts.username), unquote(parts.password or ""))
-    return urlunsplit((parts.scheme, netloc, "", "", "")), authorization
+    return urlunsplit((parts.scheme, netloc_without_credentials(parts), "", "", "")), authorization
 
 
 def _header_pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
