@@ -191,27 +191,6 @@ def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         values.ValueClass = original
 
 
-def run_workers(directory: Path, *states: str) -> list[int]:
-    """Run one short-lived worker process per circuit state, writing metrics into `directory`; return pids."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        MULTIPROC_ENV: str(directory),
-        "PYTHONPATH": str(ROOT),
-    }
-    pids = []
-    for state in states:
-        done = subprocess.run(
-            [sys.executable, "-c", WORKER, state],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
-        pids.append(json.loads(done.stdout)["pid"])
-    return pids
-
-
 WORKER = """
 import json, os, sys
 from service.observability import Metrics
@@ -221,6 +200,13 @@ metrics.observe_rate_limit("user-history", "allowed")
 metrics.circuit_state(sys.argv[1])
 print(json.dumps({"pid": os.getpid()}))
 """
+
+
+def run_workers(directory: Path, *states: str) -> list[int]:
+    """Run one short-lived worker process per circuit state, writing metrics into `directory`; return pids."""
+    with live_workers(directory, *states) as workers:
+        pids = [worker.pid for worker in workers]
+    return pids  # every one of them has exited
 
 
 @contextlib.contextmanager
