@@ -336,6 +336,7 @@ def _meta(
         "endpoints": list(options.endpoints),
         "targets": [{"name": x.name, "role": x.role, "levers_off": list(x.levers)} for x in chosen],
         "uvicorn": {k: v for k, v in t.UVICORN_SETTINGS.items()},
+        "gateway_http": t.GATEWAY_HTTP_PROTOCOL,
         "gateway_rate_limits": (
             f"user-session, agent-session, user-history, user-feedback raised to {t.RAISED_LIMIT} per 1 s "
             "(burst the same) in GATEWAY_CONFIG so the load is not rejected; each request still runs EVALSHA"

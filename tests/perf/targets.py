@@ -1,7 +1,7 @@
 """What the benchmark runs: the upstream stand-in, the reference proxies and the gateway, one process each.
 
 Every Python process is uvicorn with the same settings (`UVICORN_SETTINGS`: one worker, uvloop, httptools,
-no access log, loopback only). This module is also the entry point of those processes:
+no access log, loopback only); the gateway's httptools protocol is `serve`'s, which adds a request-header deadline. This module is also the entry point of those processes:
 
     python -m tests.perf.targets --role {standin,bare,naive,gateway} --port N [--upstream URL]
 
@@ -19,7 +19,8 @@ no access log, loopback only). This module is also the entry point of those proc
   measured lever off: `httpx-transport` (httpx's own upstream transport instead of httpx-aiohttp),
   `no-token-cache` (verify every token's signature), `asyncio` (asyncio loop and h11 instead of uvloop
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line),
-  `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone).
+  `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone), `no-header-deadline` (uvicorn's
+  plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
   first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
@@ -68,7 +69,18 @@ UVICORN_SETTINGS: Mapping[str, Any] = {
     "timeout_keep_alive": 5,
     "log_level": "warning",
 }
-LEVERS = ("httpx-transport", "no-token-cache", "asyncio", "workers=2", "log-warning", "no-redis-pipelining")
+LEVERS = (
+    "httpx-transport",
+    "no-token-cache",
+    "asyncio",
+    "workers=2",
+    "log-warning",
+    "no-redis-pipelining",
+    "no-header-deadline",
+)
+# The gateway runs under `serve`'s HTTP protocol (uvicorn's httptools plus a request-header deadline), so the
+# figures are those of what ships; the references keep plain httptools.
+GATEWAY_HTTP_PROTOCOL = "service.server_protocol:HeaderDeadlineProtocol"
 # Not options: whole components removed, to attribute the per-request cost (`--levers` names them).
 ABLATIONS = (
     "no-logging",
@@ -444,6 +456,8 @@ def uvicorn_settings(role: str) -> dict[str, Any]:
         return settings
     settings["log_config"] = None  # configure_logging (JSON lines) owns logging, as under `serve`
     levers = _levers()
+    if "no-header-deadline" not in levers:
+        settings["http"] = GATEWAY_HTTP_PROTOCOL
     if "asyncio" in levers:
         settings.update(loop="asyncio", http="h11")
     for lever in levers:

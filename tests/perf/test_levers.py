@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from uvicorn.importer import import_from_string
 
+from service.server_protocol import HeaderDeadlineProtocol
 from tests.perf.bench import parse_options, select_targets
-from tests.perf.targets import SKELETON_REMOVES, expand_levers
+from tests.perf.targets import GATEWAY_HTTP_PROTOCOL, SKELETON_REMOVES, expand_levers, uvicorn_settings
 
 
 def test_skeleton_stands_for_every_feature_ablation() -> None:
@@ -29,3 +31,19 @@ def test_unknown_lever_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
         parse_options(["--levers", "no-such-lever"])
     assert exc.value.code == 2
     assert "no-such-lever" in capsys.readouterr().err
+
+
+def test_gateway_runs_under_the_protocol_serve_ships(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_GATEWAY_LEVERS", raising=False)
+    assert import_from_string(uvicorn_settings("gateway")["http"]) is HeaderDeadlineProtocol
+    assert import_from_string(GATEWAY_HTTP_PROTOCOL) is HeaderDeadlineProtocol
+
+
+def test_references_keep_plain_httptools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_GATEWAY_LEVERS", raising=False)
+    assert {uvicorn_settings(role)["http"] for role in ("bare", "naive", "standin")} == {"httptools"}
+
+
+def test_no_header_deadline_lever_runs_plain_httptools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENCH_GATEWAY_LEVERS", "no-header-deadline")
+    assert uvicorn_settings("gateway")["http"] == "httptools"
