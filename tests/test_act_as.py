@@ -13,6 +13,7 @@ SIGNED_URL = "/v1/convai/conversation/get-signed-url"
 
 
 def audit_records(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    """Return the audit log records of one event."""
     return [r for r in caplog.records if r.name == "convai_gateway.audit" and r.getMessage() == event]
 
 

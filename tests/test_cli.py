@@ -24,6 +24,7 @@ VALID_ENV = {
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
+    """Run the convai-gateway command line in a subprocess, without the gateway settings of this environment."""
     clean = {
         k: v for k, v in os.environ.items() if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "ALLOWED_"))
     }
@@ -95,6 +96,7 @@ def test_token_refuses_a_missing_or_short_secret() -> None:
 
 @pytest.fixture
 def dev_process() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Yield a running `dev` command and the lines it has printed so far."""
     with running_dev_command() as dev:
         yield dev.process, dev.lines
 

@@ -15,6 +15,8 @@ from service import errors
 
 
 def app_raising(exc: Exception) -> Starlette:
+    """Build an app whose only route raises the given exception."""
+
     async def endpoint(request: Request) -> Response:
         raise exc
 

@@ -34,6 +34,7 @@ def maybe(draw: Draw, target: dict[str, Any], key: str, strategy: st.SearchStrat
 
 # A secret sometimes arrives in the documented type and sometimes in a wrong one: redaction must not care.
 def secret_in_any_shape() -> st.SearchStrategy[Any]:
+    """Return a strategy for a secret alone, in a list, in a mapping, or None."""
     return st.one_of(
         st.dictionaries(st.sampled_from(["Authorization", "X-Api-Key", "token", "id"]), secret, max_size=3),
         secret,
@@ -44,6 +45,7 @@ def secret_in_any_shape() -> st.SearchStrategy[Any]:
 
 @st.composite
 def webhook_details(draw: Draw, *, typed: bool = True) -> dict[str, Any]:
+    """Draw a webhook tool call's details with secrets in its URL, headers, query, path and body."""
     details: dict[str, Any] = {"method": draw(st.sampled_from(["GET", "POST"]))}
     if typed:
         details["type"] = "webhook"
@@ -64,11 +66,13 @@ def webhook_details(draw: Draw, *, typed: bool = True) -> dict[str, Any]:
 
 @st.composite
 def client_details(draw: Draw) -> dict[str, Any]:
+    """Draw a client tool call's details (nothing in them is redacted)."""
     return {"type": "client", "parameters": draw(keep)}
 
 
 @st.composite
 def mcp_details(draw: Draw) -> dict[str, Any]:
+    """Draw an MCP tool call's details with secret parameters."""
     details = {
         "type": "mcp",
         "mcp_server_id": draw(keep),
@@ -85,6 +89,7 @@ def mcp_details(draw: Draw) -> dict[str, Any]:
 
 @st.composite
 def api_integration_details(draw: Draw) -> dict[str, Any]:
+    """Draw an API-integration webhook tool call's details."""
     return {
         "type": "api_integration_webhook",
         "integration_id": draw(keep),
@@ -96,6 +101,7 @@ def api_integration_details(draw: Draw) -> dict[str, Any]:
 
 @st.composite
 def tool_call(draw: Draw) -> dict[str, Any]:
+    """Draw one tool call of a transcript entry, of any kind."""
     call: dict[str, Any] = {
         "request_id": draw(keep),
         "tool_name": draw(keep),
@@ -117,6 +123,7 @@ def tool_call(draw: Draw) -> dict[str, Any]:
 
 @st.composite
 def dynamic_variable_update(draw: Draw) -> dict[str, Any]:
+    """Draw a dynamic-variable update, sometimes of a `secret__` variable."""
     # A secret variable's update goes as a whole, so its other fields carry no keep-markers.
     if draw(st.booleans()):
         name = draw(st.sampled_from(["secret__token", "SECRET__pin", "Secret__x"]))
@@ -135,6 +142,8 @@ def dynamic_variable_update(draw: Draw) -> dict[str, Any]:
 
 
 def tool_result(depth: int) -> st.SearchStrategy[dict[str, Any]]:
+    """Return a strategy for a tool result nested up to `depth` levels."""
+
     @st.composite
     def build(draw: Draw) -> dict[str, Any]:
         kind = draw(
@@ -185,6 +194,7 @@ def tool_result(depth: int) -> st.SearchStrategy[dict[str, Any]]:
 
 @st.composite
 def transcript_entry(draw: Draw) -> dict[str, Any]:
+    """Draw one transcript entry with optional tool calls, results and metadata."""
     entry: dict[str, Any] = {"role": draw(st.sampled_from(["user", "agent"])), "time_in_call_secs": 3}
     maybe(draw, entry, "message", keep)
     maybe(draw, entry, "agent_metadata", st.fixed_dictionaries({"agent_id": keep, "workflow_node_id": keep}))
@@ -203,6 +213,7 @@ def transcript_entry(draw: Draw) -> dict[str, Any]:
 
 @st.composite
 def conversation(draw: Draw) -> dict[str, Any]:
+    """Draw a whole conversation's details in the upstream schema."""
     metadata: dict[str, Any] = {
         "start_time_unix_secs": 1_700_000_000,
         "call_duration_secs": 42,

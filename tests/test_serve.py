@@ -39,6 +39,7 @@ class Served:
 
 
 def wait_until_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait until the served gateway answers /readyz, failing if the process exits first."""
     deadline = time.monotonic() + timeout
     while True:
         assert process.poll() is None, "serve exited early"
@@ -53,6 +54,7 @@ def wait_until_ready(base: str, process: subprocess.Popen[bytes], timeout: float
 
 @pytest.fixture
 def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served]:
+    """Yield `convai-gateway serve` running as a subprocess against the emulator and Redis."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     env = {

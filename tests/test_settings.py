@@ -17,6 +17,7 @@ GOOD = {
 
 
 def problems(env: dict[str, str]) -> list[str]:
+    """Return the problems ConfigError lists for an environment."""
     with pytest.raises(ConfigError) as caught:
         load_settings(env)
     return caught.value.problems

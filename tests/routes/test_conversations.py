@@ -99,6 +99,7 @@ async def details_calls(gw: Gateway) -> int:
 
 
 async def clear_upstream_log(gw: Gateway) -> None:
+    """Forget the upstream requests the emulator has recorded so far."""
     (await gw.emulator.delete("/_emulator/requests")).raise_for_status()
 
 
