@@ -412,6 +412,7 @@ async def delete_conversation(request: Request) -> Response:
     with headers_on_error(headers):
         conversation_id = validation.conversation_id(request.path_params["conversation_id"])
         agent_id = await authorize_conversation(services, principal, conversation_id)
+        # An upstream 404 keeps the ledger entry: a minted signed URL may still start this conversation.
         with uniform_not_found():
             result = await services.upstream.delete_conversation(conversation_id)
     try:

@@ -230,6 +230,26 @@ async def test_minted_but_never_started_conversation_is_the_uniform_404(
     assert response.headers["cache-control"] == "private, no-store"
 
 
+async def test_delete_before_the_conversation_starts_keeps_it_the_minters(mode_gateway: Gateway) -> None:
+    # A signed URL stays usable after a DELETE that found nothing upstream: its ledger entry must survive it.
+    gw = mode_gateway
+    alice = gw.headers("alice", scopes=ALL_SCOPES)
+    minted = await gw.client.get(
+        "/v1/convai/conversation/get-signed-url", params={"agent_id": "agent_demo"}, headers=alice
+    )
+    assert minted.status_code == 200, minted.text
+    conversation_id = minted.json()["conversation_id"]
+    assert (await gw.client.delete(f"{LIST}/{conversation_id}", headers=alice)).status_code == 404
+    # The conversation starts later, its client claiming another user_id upstream.
+    await seed(gw, "mallory", conversation_id=conversation_id, agent_id="agent_demo")
+    alices = await gw.client.get(f"{LIST}/{conversation_id}", headers=alice)
+    mallorys = await gw.client.get(f"{LIST}/{conversation_id}", headers=gw.headers("mallory"))
+    if gw.settings.ownership_mode == "user_id":
+        assert (alices.status_code, mallorys.status_code) == (404, 200)
+    else:
+        assert (alices.status_code, mallorys.status_code) == (200, 404)
+
+
 async def test_delete_removes_the_owners_conversation_and_ledger_entry_only(mode_gateway: Gateway) -> None:
     gw = mode_gateway
     mode = gw.settings.ownership_mode
