@@ -376,8 +376,10 @@ def _parse(token: str) -> _Token:
     if len(parts) != 3:
         raise AuthenticationFailed("malformed token")
     header = _json_object(parts[0])
-    # The algorithm is judged before the rest, so `alg: none` tokens get their own reason.
-    if header.get("alg") not in ALGORITHM_FAMILIES:
+    # The algorithm is judged before the rest, so `alg: none` tokens get their own reason. A list or an object
+    # is not a name: without the type check it would reach the table lookup and fail as an unhashable key.
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALGORITHM_FAMILIES:
         raise AuthenticationFailed("unsupported algorithm")
     claims = _json_object(parts[1])
     _b64decode(parts[2])
@@ -427,15 +429,21 @@ def _scopes(claims: Mapping[str, Any], default: frozenset[str]) -> frozenset[str
         scope = claims["scope"]
         if not isinstance(scope, str):
             raise AuthenticationFailed("invalid claim: scope")
-        return frozenset(scope.split())
+        return _space_separated(scope)
     if "scp" in claims:
         scp = claims["scp"]
         if isinstance(scp, str):  # some IdPs (Azure AD) send `scp` space-separated
-            return frozenset(scp.split())
+            return _space_separated(scp)
         if not isinstance(scp, list) or not all(isinstance(s, str) for s in scp):
             raise AuthenticationFailed("invalid claim: scp")
         return frozenset(scp)
     return default
+
+
+def _space_separated(value: str) -> frozenset[str]:
+    # RFC 6749 section 3.3: scope tokens are separated by a space (%x20) only. str.split() would also split
+    # at U+00A0 or U+001F, turning one opaque token an IdP let through ("a\u00a0convai:delete") into a grant.
+    return frozenset(token for token in value.split(" ") if token)
 
 
 def _agents(claims: Mapping[str, Any]) -> frozenset[str] | None:

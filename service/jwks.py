@@ -119,7 +119,8 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
         return None
     if use is not None and use != "sig":
         return None
-    if alg is not None and (alg not in ALGORITHM_FAMILIES or alg == "HS256"):
+    # A non-string alg (a list, say) is unusable like an unknown one; the table lookup would raise on it.
+    if alg is not None and (not isinstance(alg, str) or alg not in ALGORITHM_FAMILIES or alg == "HS256"):
         return None
     # A published private key is an IdP misconfiguration; never treat it as a verification key.
     if "d" in jwk:

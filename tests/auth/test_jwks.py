@@ -325,6 +325,7 @@ async def test_unusable_keys_are_skipped(jwks: JwksServer, keys: Keys, clock: Fa
         public_jwk(p521, "k-p521"),
         private_jwk,
         public_jwk(keys.rsa2, 5),  # type: ignore[arg-type]
+        public_jwk(keys.rsa2, "k-alg-list") | {"alg": ["RS256"]},  # once fatal to the whole set: unhashable
         {"kty": "RSA", "kid": "k-broken", "n": "!!", "e": "AQAB"},
         "not-an-object",  # type: ignore[list-item]
         public_jwk(keys.rsa, "k-good"),

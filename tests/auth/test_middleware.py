@@ -15,7 +15,16 @@ from starlette.types import Scope
 from service.auth import AuthenticationMiddleware, Authenticator
 from service.errors import GatewayError, RateLimited
 from service.state import principal_of
-from tests.auth.support import HS_SECRET, OTHER_HS_SECRET, FakeClock, claims, hs_issuer, settings_for, sign
+from tests.auth.support import (
+    HS_SECRET,
+    OTHER_HS_SECRET,
+    FakeClock,
+    b64json,
+    claims,
+    hs_issuer,
+    settings_for,
+    sign,
+)
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -182,3 +191,14 @@ async def test_failure_guard_turns_repeated_failures_into_429(authenticator: Aut
     assert statuses == [401, 401, 429]
     assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
     assert guard.failures == 3 and guard.checks == 5
+
+
+async def test_token_with_a_non_string_alg_is_a_counted_401(authenticator: Authenticator) -> None:
+    guard = CountingGuard(limit=100)
+    token = f"{b64json({'alg': ['HS256'], 'typ': 'JWT'})}.{b64json(claims())}.c2ln"
+    async with client_for(authenticator, guard) as client:
+        response = await client.get("/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["code"] == "invalid_token"
+    assert guard.failures == 1

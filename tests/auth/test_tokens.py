@@ -92,7 +92,8 @@ async def test_alg_none_is_rejected(clock: FakeClock) -> None:
         unsigned = f"{b64json({'alg': 'none', 'typ': 'JWT'})}.{b64json(claims())}."
         assert await rejection(auth, unsigned) == "unsupported algorithm"
         assert await rejection(auth, unsigned + "AAAA") == "unsupported algorithm"
-        for alg in ("None", "NONE", "HS512", "", None):
+        # A list or an object is no algorithm name either (it once escaped as a 500: unhashable).
+        for alg in ("None", "NONE", "HS512", "", None, ["HS256"], {"alg": "HS256"}, 256):
             forged = f"{b64json({'alg': alg})}.{b64json(claims())}.AAAA"
             assert await rejection(auth, forged) == "unsupported algorithm"
 
@@ -367,6 +368,11 @@ async def test_single_issuer_without_iss_accepts_tokens_without_iss(clock: FakeC
         ({"scp": ["convai:history", "convai:delete"]}, {"convai:history", "convai:delete"}),
         ({"scp": "convai:history openid"}, {"convai:history", "openid"}),
         ({"scope": ""}, set()),
+        ({"scope": "  convai:session   convai:history "}, {"convai:session", "convai:history"}),
+        # RFC 6749 3.3: only a space separates scope tokens; other whitespace is part of one opaque token.
+        ({"scope": "convai:history\u00a0convai:delete"}, {"convai:history\u00a0convai:delete"}),
+        ({"scope": "convai:history\x1fconvai:delete\u2003x"}, {"convai:history\x1fconvai:delete\u2003x"}),
+        ({"scp": "convai:history\u00a0convai:delete"}, {"convai:history\u00a0convai:delete"}),
         ({}, {"convai:session", "convai:history"}),
     ],
 )
