@@ -76,13 +76,18 @@ class CursorSealer:
         payload, dot, mac_text = cursor.partition(".")
         if not dot or not _B64URL.fullmatch(payload) or not _B64URL.fullmatch(mac_text):
             raise InvalidCursor()
+        # The MAC is checked before the payload is parsed: a forged cursor never reaches the JSON parser
+        # (whose nesting depth a crafted payload could exhaust).
         try:
             mac = _b64decode(mac_text)
-            body = json.loads(_b64decode(payload))
         except (binascii.Error, ValueError) as exc:
             raise InvalidCursor() from exc
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise InvalidCursor()
+        try:
+            body = json.loads(_b64decode(payload))
+        except (binascii.Error, ValueError, RecursionError) as exc:
+            raise InvalidCursor() from exc
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("c"), str)

@@ -18,7 +18,7 @@ rule wherever its key appears, at any depth, and tolerates any shape: missing ke
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 WEBHOOK_REQUEST_KEYS = frozenset({"headers", "query_params", "path_params", "body"})
@@ -29,6 +29,8 @@ TOOL_LIST_KEYS = frozenset({"tool_calls", "tool_results", "requests", "results"}
 SECRET_PREFIX = "secret__"  # noqa: S105 - a name prefix, not a secret
 METADATA_SECRET_KEYS = ("charging", "cost")
 WILDCARD = "*"
+# Stands in for a list item a REDACT_FIELDS path removed until every path has run (see `_remove_path`).
+_REMOVED: Final = object()
 
 
 def is_secret_name(name: Any) -> bool:
@@ -45,10 +47,13 @@ def redact(details: dict[str, Any], extra_paths: tuple[str, ...] = ()) -> dict[s
     if isinstance(metadata, dict):
         for key in METADATA_SECRET_KEYS:
             metadata.pop(key, None)
+    removed_items = False
     for path in extra_paths:
         parts = [part for part in path.strip().split(".") if part]
         if parts:
-            _remove_path(cleaned, parts)
+            removed_items |= _remove_path(cleaned, parts)
+    if removed_items:
+        _drop_removed_items(cleaned)
     return cleaned
 
 
@@ -103,29 +108,50 @@ def _strip_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _remove_path(node: Any, parts: list[str]) -> None:
-    """Remove the value at a dotted path (already split) from `node`, in place; absent paths are no-ops."""
+def _remove_path(node: Any, parts: list[str]) -> bool:
+    """Remove the value at a dotted path (already split) from `node`, in place; absent paths are no-ops.
+
+    A list item is replaced by a placeholder rather than deleted, so that every path's indexes keep naming the
+    items of the upstream document (`x.0` and `x.1` are its first two items, not the first and third); return
+    whether a placeholder was left, for `_drop_removed_items` to sweep once all paths have run.
+    """
     head, rest = parts[0], parts[1:]
     if isinstance(node, dict):
         if head == WILDCARD:
             if not rest:
                 node.clear()
-                return
-            for child in node.values():
-                _remove_path(child, rest)
-        elif not rest:
+                return False
+            return _remove_in_each(node.values(), rest)
+        if not rest:
             node.pop(head, None)
         elif head in node:
-            _remove_path(node[head], rest)
+            return _remove_path(node[head], rest)
     elif isinstance(node, list):
         if head == WILDCARD:
             if not rest:
                 node.clear()
-                return
-            for child in node:
-                _remove_path(child, rest)
-        elif head.isdigit() and int(head) < len(node):
+                return False
+            return _remove_in_each(node, rest)
+        if head.isdigit() and int(head) < len(node):
             if rest:
-                _remove_path(node[int(head)], rest)
-            else:
-                del node[int(head)]
+                return _remove_path(node[int(head)], rest)
+            node[int(head)] = _REMOVED
+            return True
+    return False
+
+
+def _remove_in_each(children: Iterable[Any], rest: list[str]) -> bool:
+    removed = False
+    for child in children:
+        removed |= _remove_path(child, rest)
+    return removed
+
+
+def _drop_removed_items(node: Any) -> None:
+    if isinstance(node, dict):
+        for child in node.values():
+            _drop_removed_items(child)
+    elif isinstance(node, list):
+        node[:] = [child for child in node if child is not _REMOVED]
+        for child in node:
+            _drop_removed_items(child)

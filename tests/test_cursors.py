@@ -84,6 +84,15 @@ def test_malformed_cursors_are_refused(garbage: str) -> None:
         CursorSealer(API_KEY).open("alice", garbage)
 
 
+def test_forged_cursor_is_refused_before_its_payload_is_parsed() -> None:
+    # 1,400 nested arrays exhaust json's recursion limit: the MAC check must come first.
+    deep = base64.urlsafe_b64encode(b"[" * 1400).rstrip(b"=").decode()
+    forged = f"{deep}.{'A' * 43}"
+    assert len(forged) <= MAX_CURSOR_LENGTH
+    with pytest.raises(InvalidCursor):
+        CursorSealer(API_KEY).open("alice", forged)
+
+
 def test_mac_with_extra_characters_is_refused() -> None:
     sealer = CursorSealer(API_KEY)
     sealed = sealer.seal("alice", "c1")

@@ -425,6 +425,23 @@ def test_extra_paths_remove_dotted_paths_with_wildcards_and_ignore_absent_ones()
     assert details["transcript"][0]["feedback"] == {"score": "like"}
 
 
+def test_extra_paths_name_list_items_by_their_upstream_index() -> None:
+    details: dict[str, Any] = {
+        "transcript": [{"message": "keep-0"}, {"message": "SECRET-1"}, {"message": "keep-2"}],
+        "tags": ["SECRET-a", "SECRET-b", "public"],
+    }
+    redacted = redact(details, ("transcript.1", "transcript.0", "tags.0", "tags.1", "tags.1.deeper"))
+    assert redacted == {"transcript": [{"message": "keep-2"}], "tags": ["public"]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.text(alphabet="xyz", max_size=3), max_size=6), data=st.data())
+def test_any_set_of_list_indexes_removes_exactly_those_items(items: list[str], data: st.DataObject) -> None:
+    named = data.draw(st.lists(st.integers(0, 7), max_size=6))
+    redacted = redact({"items": list(items)}, tuple(f"items.{index}" for index in named))
+    assert redacted == {"items": [item for index, item in enumerate(items) if index not in named]}
+
+
 # REDACT_FIELDS: whatever document and whichever path an operator names (wildcards included), the value at
 # that path never comes out. Added with the reliability suite (issue 9).
 junk = st.recursive(

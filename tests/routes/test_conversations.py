@@ -13,6 +13,7 @@ Alice is the caller throughout; bob is the other user. Scenarios of one conversa
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import tracemalloc
@@ -593,6 +594,8 @@ INVALID_LIST_QUERIES: list[Query] = [
     [("tool_names", "tab\there")],
     [("tool_names", "t")] * 21,
     [("cursor", "not-a-cursor")],
+    # A forged cursor whose payload nests 1,400 arrays: it once reached the JSON parser and escaped as a 500.
+    [("cursor", base64.urlsafe_b64encode(b"[" * 1400).rstrip(b"=").decode() + "." + "A" * 43)],
 ]
 
 
