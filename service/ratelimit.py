@@ -109,7 +109,10 @@ for i = 1, #KEYS do
   local interval = tonumber(ARGV[base])
   local burst = tonumber(ARGV[base + 1])
   local shadow = ARGV[base + 2] == '1'
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  -- pcall: a key of another type (WRONGTYPE) is one subject's bad state, not a Redis outage; like a value
+  -- that is no number, it counts as fresh and the SET below replaces it.
+  local stored = redis.pcall('GET', KEYS[i])
+  local tat = (type(stored) == 'string' and tonumber(stored)) or now
   if tat < now then tat = now end
   local new_tat = tat + interval
   local diff = now - (new_tat - burst * interval)
@@ -149,7 +152,8 @@ REFUND_SCRIPT = (
     _LUA_NOW
     + """
 for i = 1, #KEYS do
-  local tat = tonumber(redis.call('GET', KEYS[i]))
+  local stored = redis.pcall('GET', KEYS[i])
+  local tat = type(stored) == 'string' and tonumber(stored)
   if tat then
     local new_tat = tat - tonumber(ARGV[1 + i])
     if new_tat <= now then
@@ -270,7 +274,23 @@ def _unique(hits: Sequence[Hit]) -> list[Hit]:
 
 def _combine(results: Iterable[PolicyResult]) -> Decision:
     results = tuple(results)
-    return Decision(all(r.allowed or r.policy.shadow for r in results), results)
+    allowed = all(r.allowed or r.policy.shadow for r in results)
+    if allowed:
+        return Decision(True, results)
+    # A rejected request stores nothing, so the policies that would have admitted it report their state
+    # as it stands (one more remaining, one emission interval sooner), not as if this request had counted.
+    return Decision(False, tuple(r if not r.allowed else _uncounted(r) for r in results))
+
+
+def _uncounted(result: PolicyResult) -> PolicyResult:
+    interval = interval_us(result.policy) / MICROS
+    return PolicyResult(
+        result.policy,
+        True,
+        min(result.policy.burst, result.remaining + 1),
+        max(0.0, result.reset_after - interval),
+        0.0,
+    )
 
 
 def observe_decision(decision: Decision, observe: Observe | None) -> None:
@@ -340,6 +360,9 @@ class LocalRateLimiter:
         self._max_keys = max_keys
         self._observe = observe
         self._tats: OrderedDict[str, float] = OrderedDict()
+        # A whole-table sweep for expired keys runs at most once per this many overflows (amortised O(1)).
+        self._sweep_every = max(1, max_keys // 10)
+        self._overflows = 0
 
     def __len__(self) -> int:
         """Return the number of keys currently held."""
@@ -382,14 +405,24 @@ class LocalRateLimiter:
         return decision
 
     def _evict(self, now: float) -> None:
-        # Expired keys equal "fresh" state and go first; a live key is dropped only beyond `max_keys`.
-        while self._tats and len(self._tats) > self._max_keys:
-            self._tats.popitem(last=False)
+        # Expired keys equal "fresh" state and go first; a live key is dropped only beyond `max_keys`. Keys sit
+        # in update order (least recently updated first), so the expired ones are mostly at the front: purging
+        # from there until the first live key costs no scan of the whole table.
         while self._tats:
             key, tat = next(iter(self._tats.items()))
             if tat > now:
                 break
             del self._tats[key]
+        if len(self._tats) <= self._max_keys:
+            return
+        # An expired key may sit behind a live one (a long policy's key updated before a short one's).
+        self._overflows += 1
+        if self._overflows >= self._sweep_every:
+            self._overflows = 0
+            for expired in [key for key, tat in self._tats.items() if tat <= now]:
+                del self._tats[expired]
+        while len(self._tats) > self._max_keys:
+            self._tats.popitem(last=False)
 
     async def aclose(self) -> None:
         """Forget all state."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 
@@ -21,6 +22,7 @@ from service.ratelimit import (
 )
 from service.settings import RateLimitPolicy, Secret, Settings
 from tests.ratelimit.conftest import ManualClock, policy
+from tests.support.servers import RedisServer
 
 Factory = Callable[..., RateLimiter]
 
@@ -286,3 +288,48 @@ async def test_empty_and_duplicate_hits(make_limiter: Factory) -> None:
     decision = await limiter.acquire([hit, hit])
     assert len(decision.results) == 1 and decision.results[0].remaining == 1
     assert math.isclose(decision.results[0].reset_after, 6.0)
+
+
+async def test_rejected_request_reports_the_admitting_policies_as_they_stand(
+    make_limiter: Factory, clock: ManualClock
+) -> None:
+    limiter = make_limiter()
+    user = policy("user-session", limit=10, period=60, burst=1)  # T = 6 s
+    agent = policy("agent-session", limit=600, period=60, burst=600)  # T = 0.1 s
+    assert (await limiter.acquire([Hit(user, "user:a"), Hit(agent, "agent:x")])).allowed
+    rejected = await limiter.acquire([Hit(user, "user:a"), Hit(agent, "agent:x")])
+    assert not rejected.allowed
+    # Nothing was stored for the agent: 599 of 600 are left, as one use ago, and 0.1 s until all are back.
+    assert summary(rejected)[1] == (True, 599, 0.1, 0.0)
+    admitted = await limiter.acquire([Hit(user, "user:b"), Hit(agent, "agent:x")])
+    assert summary(admitted)[1] == (True, 598, 0.2, 0.0)
+
+
+async def test_redis_state_of_another_type_counts_as_fresh_and_is_replaced(
+    redis_url: str, redis_server: RedisServer, clock: ManualClock
+) -> None:
+    # A key of the wrong type (WRONGTYPE) is one subject's bad state, not a Redis outage.
+    hit = Hit(policy(limit=10, period=60, burst=2), "user:odd")
+    with contextlib.closing(redis_server.client()) as admin:
+        admin.hset(state_key(hit), "x", "1")
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            limiter = RedisRateLimiter(client, clock=clock)
+            assert summary(await limiter.acquire([hit])) == [(True, 1, 6.0, 0.0)]
+            assert admin.type(state_key(hit)) == "string"
+            assert (await limiter.acquire([hit])).allowed
+            assert not (await limiter.acquire([hit])).allowed
+        finally:
+            await client.aclose()
+
+
+async def test_local_limiter_drops_expired_keys_before_live_ones(clock: ManualClock) -> None:
+    limiter = LocalRateLimiter(clock, max_keys=2)
+    hourly = policy(limit=1, period=3600, burst=1)
+    brief = policy("user-history", limit=100, period=1, burst=1)  # its state lasts 10 ms
+    assert (await limiter.acquire([Hit(hourly, "user:victim")])).allowed
+    assert (await limiter.acquire([Hit(brief, "user:x")])).allowed
+    clock.advance(1.0)  # user:x's state has expired behind user:victim's live one
+    assert (await limiter.acquire([Hit(brief, "user:y")])).allowed
+    assert len(limiter) == 2
+    assert not (await limiter.acquire([Hit(hourly, "user:victim")])).allowed, "a live key was evicted"
