@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -22,6 +24,8 @@ from service.routes import conversations, health, sessions
 from service.settings import Settings, load_settings
 from service.state import Services
 from service.upstream import UpstreamClient, create_http_client, create_transport
+
+logger = logging.getLogger("service.app")
 
 MAX_BODY_BYTES = 16 * 1024
 
@@ -55,8 +59,13 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         if redis is not None and settings.redis.cluster:
             # redis-py's async cluster client fails commands that race its first topology discovery;
-            # with retries off (the breaker decides) that must happen before traffic, once.
-            await redis.initialize()
+            # with retries off (the breaker decides) that should happen before traffic, once.
+            try:
+                await redis.initialize()
+            except (RedisError, RedisClusterException, OSError) as exc:
+                # A cluster that is down at start is an outage like any other: the gateway starts, /readyz
+                # says so, the limiter degrades per RATE_LIMIT_ON_REDIS_ERROR and discovers the topology later.
+                logger.warning("Redis Cluster unreachable at start: %s", type(exc).__name__)
         transport = create_transport(proxy=settings.egress_proxy_url)
         http = create_http_client(settings, transport=transport)
         upstream = UpstreamClient(

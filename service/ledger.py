@@ -103,7 +103,7 @@ def decode_entry(raw: str | bytes) -> LedgerEntry:
     try:
         data = json.loads(raw)
         user, agent, minted_at = data["user"], data["agent_id"], data["minted_at"]
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise LedgerUnavailable("ownership ledger entry unreadable") from exc
     if not (isinstance(user, str) and isinstance(agent, str) and isinstance(minted_at, int)):
         raise LedgerUnavailable("ownership ledger entry unreadable")
@@ -149,12 +149,12 @@ class RedisLedger:
             return {}
         try:
             if self._cluster:
-                # A non-transactional pipeline of GETs rather than MGET: the keys hash to different Cluster
-                # slots, and a cluster pipeline splits the commands per node by itself.
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for conversation_id in unique:
-                        pipe.get(ledger_key(conversation_id))
-                    values = await pipe.execute()
+                # Concurrent GETs rather than MGET (the keys hash to different slots) or a cluster pipeline:
+                # redis-py's cluster pipeline retries a timeout after closing every node's connections and
+                # sleeping 250 ms, which would break the Redis time budget for every request in flight.
+                values = await asyncio.gather(
+                    *(self._redis.get(ledger_key(conversation_id)) for conversation_id in unique)
+                )
             else:
                 # One command and one reply: for a page of 30 rows about 3x less client CPU than 30 GETs.
                 values = await self._redis.mget([ledger_key(conversation_id) for conversation_id in unique])

@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
@@ -41,6 +42,19 @@ def _timeouts(timeout: float) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
 
 
+# Replies are decoded as UTF-8 with bad bytes replaced: with "strict", one stored value that is not UTF-8
+# raised UnicodeDecodeError (no RedisError, so a 500) and, inside an implicit pipeline, failed every other
+# command of its batch. A replaced value simply fails its own parser (the ledger answers 503).
+_DECODING: dict[str, Any] = {"decode_responses": True, "encoding_errors": "replace"}
+
+
+class BudgetedRedisCluster(RedisCluster):
+    """A RedisCluster that retries connection errors but never a timeout (the Redis time budget holds)."""
+
+    # redis-py retries the exact types listed here whatever the Retry's supported_errors say.
+    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+
+
 def create_redis(
     topology: RedisTopology, *, timeout: float, pipeline_limit: int = DEFAULT_PIPELINE_LIMIT
 ) -> Any:
@@ -55,9 +69,9 @@ def create_redis(
         raise ValueError("no Redis configured: set REDIS_URL or redis.sentinels")
     elif topology.cluster:
         # Cluster-level retries (MOVED/ASK redirections are followed regardless) stay off too.
-        return RedisCluster.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+        return BudgetedRedisCluster.from_url(topology.url, **_DECODING, **_timeouts(timeout))
     else:
-        client = client_class.from_url(topology.url, decode_responses=True, **_timeouts(timeout))
+        client = client_class.from_url(topology.url, **_DECODING, **_timeouts(timeout))
     if isinstance(client, PipeliningRedis):
         client.pipeline_limit = pipeline_limit
     return client
@@ -65,7 +79,7 @@ def create_redis(
 
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
     # Credentials and the database of the master come from REDIS_URL when one is given alongside.
-    master_kwargs: dict[str, Any] = {"decode_responses": True, **_timeouts(timeout)}
+    master_kwargs: dict[str, Any] = {**_DECODING, **_timeouts(timeout)}
     if topology.url:
         parts = urlsplit(topology.url)
         if parts.username:
@@ -88,6 +102,11 @@ def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type
 async def close_redis(client: Any) -> None:
     """Close a client built by `create_redis`, its connection pool and any Sentinel connections."""
     try:
+        if isinstance(client, RedisCluster):
+            # RedisCluster.aclose closes nothing while a topology refresh is pending, i.e. after any
+            # connection error or timeout: every node's sockets would be left open.
+            await client.nodes_manager.aclose()
+            await client.nodes_manager.aclose("startup_nodes")
         await client.aclose()
     finally:
         sentinel = getattr(client, _SENTINEL_ATTR, None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
@@ -24,8 +27,11 @@ from service.ledger import (
     build_ledger,
     ledger_key,
 )
+from service.ratelimit import Decision, Hit, RedisRateLimiter
+from service.redis_client import close_redis, create_redis
 from service.redis_pipeline import PipeliningRedis
-from service.settings import RedisTopology, Secret, Settings
+from service.settings import RateLimitPolicy, RedisTopology, Secret, Settings
+from tests.support.gateway import Gateway
 from tests.support.servers import RedisServer
 
 TTL_DAYS = 7
@@ -283,3 +289,59 @@ def test_build_ledger_refuses_configured_redis_without_a_client() -> None:
     settings = Settings(elevenlabs_api_key=Secret("k"), redis=RedisTopology(url="redis://127.0.0.1:1/0"))
     with pytest.raises(ValueError, match="Redis is configured"):
         build_ledger(settings, None)
+
+
+# --- bad bytes in Redis (the production client, as create_redis builds it) -------------------------
+
+
+@pytest.fixture
+async def production_client(redis_url: str) -> AsyncIterator[Any]:
+    """Yield the gateway's own Redis client (implicit pipelining, decoding as in production)."""
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        yield client
+    finally:
+        await close_redis(client)
+
+
+async def test_entry_that_is_not_utf8_or_nested_too_deep_fails_closed(
+    production_client: Any, inspect: redis.Redis
+) -> None:
+    # Both once escaped the ledger as a 500: UnicodeDecodeError and RecursionError are no RedisError.
+    inspect.set(ledger_key("conv_bytes"), b"\xff\xfe not utf-8")
+    inspect.set(ledger_key("conv_deep"), "[" * 100_000)
+    ledger = RedisLedger(production_client, ttl_days=TTL_DAYS)
+    for conversation_id in ("conv_bytes", "conv_deep"):
+        with pytest.raises(LedgerUnavailable):
+            await ledger.lookup(conversation_id)
+        with pytest.raises(LedgerUnavailable):
+            await ledger.lookup_many([conversation_id])
+
+
+async def test_unreadable_entry_fails_only_its_own_command_of_a_pipeline(
+    production_client: Any, inspect: redis.Redis
+) -> None:
+    inspect.set(ledger_key("conv_bytes"), b"\xff\xfe not utf-8")
+    ledger = RedisLedger(production_client, ttl_days=TTL_DAYS)
+    await ledger.record("conv_good", entry())
+    limiter = RedisRateLimiter(production_client)
+    # Issued in one loop turn, the three commands travel in one implicit pipeline.
+    bad, good, decision = await asyncio.gather(
+        ledger.lookup("conv_bytes"),
+        ledger.lookup("conv_good"),
+        limiter.acquire([Hit(RateLimitPolicy("user-history", 120, 60, 120, False), "user:bob")]),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, LedgerUnavailable)
+    assert good == entry()
+    assert isinstance(decision, Decision) and decision.allowed
+
+
+async def test_gateway_answers_503_for_an_unreadable_entry(
+    make_gateway: Callable[..., AbstractAsyncContextManager[Gateway]], inspect: redis.Redis
+) -> None:
+    async with make_gateway() as gw:
+        inspect.set(ledger_key("conv_bytes"), b"\xff\xfe not utf-8")
+        response = await gw.client.get("/v1/convai/conversations/conv_bytes", headers=gw.headers("alice"))
+    assert response.status_code == 503
+    assert response.json()["code"] == "ledger_unavailable"

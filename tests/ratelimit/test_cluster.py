@@ -208,3 +208,57 @@ async def test_gateway_on_a_cluster_mints_and_enforces_ownership(
         with contextlib.closing(node.client()) as client:
             owners += [client.get(key) for key in client.keys("ledger:*")]
     assert len(owners) == 1 and '"alice"' in str(owners[0])
+
+
+async def test_a_timed_out_command_is_not_retried(
+    cluster: RedisCluster, cluster_nodes: list[RedisServer]
+) -> None:
+    # redis-py's cluster client retries timeouts by default; a retry would double the Redis time budget.
+    from service.ratelimit import RateLimiterUnavailable
+    from tests.ratelimit.test_resilience import start_debug_sleep
+
+    timeout = 0.5  # the `cluster` fixture's
+    limiter = RedisRateLimiter(cluster)
+    hit = Hit(USER, "user:slow")
+    await limiter.acquire([hit])  # topology, connection and script in place
+    owner = node_of(cluster_nodes, state_key(hit))
+    port = owner.connection_pool.connection_kwargs["port"]
+    owner.close()
+    sleeper = await asyncio.to_thread(start_debug_sleep, port, 3.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RateLimiterUnavailable):
+            await limiter.acquire([hit])
+        elapsed = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(sleeper.recv, 64)
+        sleeper.close()
+    # One attempt takes the timeout; a retry would take at least twice as long.
+    assert elapsed < 1.8 * timeout, f"a {timeout * 1000:.0f} ms budget took {elapsed * 1000:.0f} ms"
+
+
+async def test_gateway_starts_while_the_cluster_is_down(
+    emulator_url: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    from pathlib import Path
+
+    from tests.conftest import EMULATOR_API_KEY
+    from tests.support.gateway import run_gateway
+
+    config = Path(str(tmp_path)) / "gateway.toml"
+    config.write_text("[redis]\ncluster = true\n")
+    dead_seed = f"redis://127.0.0.1:{free_port()}"
+    # As with a standalone Redis down at start: the gateway serves, /readyz says 503, `open` admits.
+    async with run_gateway(
+        emulator_url,
+        EMULATOR_API_KEY,
+        dead_seed,
+        {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": "open"},
+    ) as gw:
+        assert (await gw.client.get("/readyz")).status_code == 503
+        minted = await gw.client.get(
+            "/v1/convai/conversation/get-signed-url",
+            params={"agent_id": "agent_demo"},
+            headers=gw.headers("alice"),
+        )
+        assert minted.status_code == 503 and minted.json()["code"] == "ledger_unavailable"
