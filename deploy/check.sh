@@ -412,6 +412,7 @@ base_env = {
     "ELEVENLABS_API_KEY": "check-sh-placeholder",
     "ALLOWED_AGENT_IDS": "agent_demo",
     "JWT_HS256_SECRET": "s" * 40,
+    "JWT_ISSUER": "https://gateway.example/dev",  # required next to the file's issuers (a token's iss picks one)
     "PARTNER_A_HS256_SECRET": "p" * 40,
 }
 

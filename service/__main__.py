@@ -168,13 +168,18 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if settings.log_level != "DEBUG":
         # Keep the banner readable: uvicorn's start/stop lines add nothing for a newcomer.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # Sign with the secret as the gateway read it (an exported one may end in a newline), not the raw value.
+    dev_issuer = settings.issuers[0]  # the JWT_* issuer: dev always sets JWT_HS256_SECRET
+    if dev_issuer.hs256_secret is None:
+        return _fail("dev: JWT_HS256_SECRET must be set")
+    secret = dev_issuer.hs256_secret.reveal()
     token = mint_token(
-        env["JWT_HS256_SECRET"],
+        secret,
         DEV_USER,
         scopes="convai:session convai:history convai:delete",
         ttl=12 * 3600,
-        issuer=settings.issuers[0].issuer,
-        audience=(settings.issuers[0].audiences or (None,))[0],
+        issuer=dev_issuer.issuer,
+        audience=(dev_issuer.audiences or (None,))[0],
     )
     base = f"http://127.0.0.1:{args.port}"
     emulator = create_emulator_app(env["ELEVENLABS_API_KEY"], seed=True)
@@ -184,12 +189,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
         def mint_dev_token(sub: str) -> str:
             return mint_token(
-                env["JWT_HS256_SECRET"],
+                secret,
                 sub,
                 scopes="convai:session convai:history",
                 ttl=3600,
-                issuer=settings.issuers[0].issuer,
-                audience=(settings.issuers[0].audiences or (None,))[0],
+                issuer=dev_issuer.issuer,
+                audience=(dev_issuer.audiences or (None,))[0],
             )
 
         page = example_app(EXAMPLE_DIR, gateway_url=base, agent_id=DEV_AGENT_ID, mint=mint_dev_token)
@@ -227,7 +232,7 @@ curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/get-sig
 curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversation/token?agent_id={DEV_AGENT_ID}"
 curl -s -H "Authorization: Bearer $TOKEN" "{base}/v1/convai/conversations?page_size=5"
 
-More tokens: JWT_HS256_SECRET={env["JWT_HS256_SECRET"]} convai-gateway token --sub bob{example_line}
+More tokens: JWT_HS256_SECRET={secret} convai-gateway token --sub bob{example_line}
 Press Ctrl+C to stop.
 """
 
@@ -263,23 +268,28 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a dev JWT signed with JWT_HS256_SECRET."""
     from service.dev_tokens import mint_token
-    from service.settings import MIN_HS256_SECRET_BYTES
+    from service.settings import MIN_HS256_SECRET_BYTES, load_env_issuer
 
-    secret = os.environ.get("JWT_HS256_SECRET", "")
-    if len(secret.encode()) < MIN_HS256_SECRET_BYTES:
+    # The same reader as the gateway's (values stripped, ...), so the token verifies there; the rest of
+    # the configuration (API key, agents) is not needed to sign one.
+    try:
+        issuer = load_env_issuer()
+    except ConfigError as exc:
+        return _fail(f"token: {exc}")
+    if issuer is None or issuer.hs256_secret is None:
         return _fail(f"token: JWT_HS256_SECRET must be set to at least {MIN_HS256_SECRET_BYTES} bytes")
     if args.ttl <= 0:
         return _fail("token: --ttl must be a positive number of seconds")
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
     print(
         mint_token(
-            secret,
+            issuer.hs256_secret.reveal(),
             args.sub,
             scopes=args.scope,
             ttl=args.ttl,
             agents=agents,
-            issuer=os.environ.get("JWT_ISSUER") or None,
-            audience=(os.environ.get("JWT_AUDIENCE") or "").split(",")[0].strip() or None,
+            issuer=issuer.issuer,
+            audience=(issuer.audiences or (None,))[0],
         )
     )
     return 0

@@ -1,7 +1,8 @@
 """Configuration: read the environment (and optional TOML file) once into a frozen, validated object.
 
 Every problem is collected, not just the first, so `convai-gateway check-config` can list them all.
-This module imports nothing of the service.
+This module imports nothing of the service at import time (service.jwks imports it); the public-key check
+borrows service.jwks's key rule when it runs, so a key `check-config` accepts is one `serve` can use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 OwnershipMode = Literal["ledger_or_user_id", "ledger", "user_id"]
 RedisErrorMode = Literal["local", "open", "closed"]
@@ -284,8 +289,11 @@ def _hs256_secret(reader: _Reader, name: str, value: str | None) -> Secret | Non
     return Secret(value)
 
 
-def _jwks_url(reader: _Reader, name: str, value: str | None) -> str | None:
+def _jwks_url(reader: _Reader, name: str, value: Any) -> str | None:
     if value is None:
+        return None
+    if not isinstance(value, str):
+        reader.problems.append(f"{name}: must be a URL string")
         return None
     _check_url(reader, name, value, ("https", "http"))
     if urlsplit(value).scheme == "http" and not is_loopback_host(urlsplit(value).hostname):
@@ -293,18 +301,47 @@ def _jwks_url(reader: _Reader, name: str, value: str | None) -> str | None:
     return value
 
 
-def _public_key(reader: _Reader, name: str, path: str | None) -> str | None:
+def _public_key(reader: _Reader, name: str, path: Any) -> str | None:
     if path is None:
+        return None
+    if not isinstance(path, str):
+        reader.problems.append(f"{name}: must be a file path string")
         return None
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         reader.problems.append(f"{name}: cannot read {path!r}: {exc.strerror}")
         return None
+    except UnicodeDecodeError:
+        text = ""  # a DER or other binary file: reported below like any other non-PEM
     if "-----BEGIN PUBLIC KEY-----" not in text:
         reader.problems.append(f"{name}: {path!r} is not a PEM public key (BEGIN PUBLIC KEY)")
         return None
+    problem = _public_key_problem(text)
+    if problem is not None:
+        reader.problems.append(f"{name}: {path!r} {problem}")
+        return None
     return text
+
+
+def _public_key_problem(pem: str) -> str | None:
+    # Imported here, not at the top: service.jwks imports this module. The same parse and key_family rule
+    # as the authenticator's (service.auth._pem_key), so a key check-config accepts never crashes serve.
+    from service.jwks import MIN_RSA_BITS, key_family
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, UnsupportedAlgorithm):
+        return "is not a valid PEM public key (the key inside does not parse)"
+    if key_family(key) is not None:
+        return None
+    if isinstance(key, rsa.RSAPublicKey):
+        found = f"RSA {key.key_size} bits"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        found = f"EC {key.curve.name}"
+    else:
+        found = "an unsupported key type"
+    return f"holds {found}; use RSA >= {MIN_RSA_BITS} bits, EC P-256/P-384 or Ed25519"
 
 
 def _algorithms(reader: _Reader, name: str, value: Any, *, has_hs: bool, has_asym: bool) -> tuple[str, ...]:
@@ -327,12 +364,45 @@ def _algorithms(reader: _Reader, name: str, value: Any, *, has_hs: bool, has_asy
     return tuple(a for a in value if a in allowed)
 
 
-def _audiences(value: Any) -> tuple[str, ...]:
+def _audiences(reader: _Reader, name: str, value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return tuple(a.strip() for a in value.split(",") if a.strip())
-    return tuple(str(a) for a in value)
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        reader.problems.append(f"{name}: must be a string or a list of strings")
+        return ()
+    return tuple(value)
+
+
+def _issuer_name(reader: _Reader, name: str, value: Any) -> tuple[bool, str | None]:
+    """Return (valid, issuer) for a TOML `issuer` value, reporting a wrong type or an empty string."""
+    if value is None:
+        return True, None
+    if not isinstance(value, str) or not value.strip():
+        reader.problems.append(f"{name}: must be a non-empty string (the tokens' iss)")
+        return False, None
+    return True, value
+
+
+def _check_issuer_names(reader: _Reader, issuers: list[tuple[str, IssuerConfig]]) -> None:
+    # With several issuers a token's iss is the only way to pick one, and the first match wins: an
+    # issuer without a name, or with another's name, would have every one of its tokens refused.
+    if len(issuers) < 2:
+        return
+    first: dict[str, str] = {}
+    for label, config in issuers:
+        if config.issuer is None:
+            reader.problems.append(
+                f"{label}: required when several issuers are configured (a token's iss picks its issuer)"
+            )
+        elif config.issuer in first:
+            reader.problems.append(
+                f"{label}: {config.issuer!r} is already the issuer of {first[config.issuer]}; issuers must "
+                "be unique (only the first would ever be used): merge them, `audiences` takes a list"
+            )
+        else:
+            first[config.issuer] = label
 
 
 def _env_issuer(reader: _Reader) -> IssuerConfig | None:
@@ -343,7 +413,7 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
         return None
     return IssuerConfig(
         issuer=reader.raw("JWT_ISSUER"),
-        audiences=_audiences(reader.raw("JWT_AUDIENCE")),
+        audiences=_audiences(reader, "JWT_AUDIENCE", reader.raw("JWT_AUDIENCE")),
         algorithms=_algorithms(
             reader, "JWT_ALGORITHMS", None, has_hs=secret is not None, has_asym=bool(jwks or pem)
         ),
@@ -353,13 +423,23 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
     )
 
 
-def _toml_issuers(reader: _Reader, data: Any) -> list[IssuerConfig]:
+def load_env_issuer(env: Mapping[str, str] | None = None) -> IssuerConfig | None:
+    """Read the JWT_* issuer exactly as load_settings does (None if unset), or raise ConfigError."""
+    reader = _Reader(os.environ if env is None else env)
+    issuer = _env_issuer(reader)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return issuer
+
+
+def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
+    """Return the valid [[issuers]] entries, each with the name its `issuer` key goes by in problems."""
     if data is None:
         return []
     if not isinstance(data, list):
         reader.problems.append("GATEWAY_CONFIG: [[issuers]] must be an array of tables")
         return []
-    issuers = []
+    issuers: list[tuple[str, IssuerConfig]] = []
     for index, entry in enumerate(data):
         where = f"GATEWAY_CONFIG: issuers[{index}]"
         if not isinstance(entry, dict):
@@ -370,34 +450,42 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[IssuerConfig]:
         }  # fmt: skip
         if unknown:
             reader.problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+        named, issuer = _issuer_name(reader, f"{where}.issuer", entry.get("issuer"))
         secret_env = entry.get("hs256_secret_env")
         secret = None
-        if secret_env is not None:
-            value = reader.raw(str(secret_env))
+        if secret_env is not None and not isinstance(secret_env, str):
+            reader.problems.append(f"{where}.hs256_secret_env: must be the name of a variable (a string)")
+        elif secret_env is not None:
+            value = reader.raw(secret_env)
             if value is None:
                 reader.problems.append(f"{where}.hs256_secret_env: variable {secret_env} is not set")
-            secret = _hs256_secret(reader, str(secret_env), value)
+            secret = _hs256_secret(reader, secret_env, value)
         jwks = _jwks_url(reader, f"{where}.jwks_url", entry.get("jwks_url"))
         pem = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
-        if secret is None and jwks is None and pem is None:
+        audiences = _audiences(reader, f"{where}.audiences", entry.get("audiences"))
+        if not {"hs256_secret_env", "jwks_url", "public_key_file"} & set(entry):
             reader.problems.append(f"{where}: needs hs256_secret_env, jwks_url or public_key_file")
             continue
-        issuers.append(
-            IssuerConfig(
-                issuer=entry.get("issuer"),
-                audiences=_audiences(entry.get("audiences")),
-                algorithms=_algorithms(
-                    reader,
-                    f"{where}.algorithms",
-                    entry.get("algorithms"),
-                    has_hs=secret is not None,
-                    has_asym=bool(jwks or pem),
-                ),
-                hs256_secret=secret,
-                jwks_url=jwks,
-                public_key_pem=pem,
-            )
+        if secret is None and jwks is None and pem is None:
+            continue  # each bad key source is already reported; the algorithms could only echo it
+        algorithms = _algorithms(
+            reader,
+            f"{where}.algorithms",
+            entry.get("algorithms"),
+            has_hs=secret is not None,
+            has_asym=bool(jwks or pem),
         )
+        if not named:
+            continue  # already reported; leaving it out keeps the issuer-name checks from repeating it
+        config = IssuerConfig(
+            issuer=issuer,
+            audiences=audiences,
+            algorithms=algorithms,
+            hs256_secret=secret,
+            jwks_url=jwks,
+            public_key_pem=pem,
+        )
+        issuers.append((f"{where}.issuer", config))
     return issuers
 
 
@@ -524,9 +612,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     base_url = reader.raw("ELEVENLABS_BASE_URL") or "https://api.elevenlabs.io"
     _check_url(reader, "ELEVENLABS_BASE_URL", base_url, ("https", "http"))
 
-    issuers = [i for i in (_env_issuer(reader),) if i is not None]
-    issuers.extend(_toml_issuers(reader, toml.get("issuers")))
-    if not issuers:
+    reported = len(reader.problems)
+    env_issuer = _env_issuer(reader)
+    named = [("JWT_ISSUER", env_issuer)] if env_issuer is not None else []
+    named.extend(_toml_issuers(reader, toml.get("issuers")))
+    _check_issuer_names(reader, named)
+    issuers = [config for _, config in named]
+    # Only when nothing was said about the keys: after "key too weak" this would just be noise.
+    if not issuers and len(reader.problems) == reported:
         reader.problems.append(
             "JWT_HS256_SECRET: no token keys configured; set JWT_HS256_SECRET, JWT_JWKS_URL, "
             "JWT_PUBLIC_KEY_FILE or [[issuers]] in GATEWAY_CONFIG"

@@ -7,11 +7,17 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from service.auth import Authenticator
+from service.settings import load_settings
+from tests.auth.support import public_pem
 from tests.support.dev_command import running_dev_command
+from tests.support.servers import free_port
 
 SECRET = "cli-secret-0123456789abcdef0123456789abcdef"
 VALID_ENV = {
@@ -92,6 +98,57 @@ def test_token_refuses_a_missing_or_short_secret() -> None:
     result = run_cli("token", "--sub", "bob", env={"JWT_HS256_SECRET": "short"})
     assert result.returncode == 2
     assert "JWT_HS256_SECRET" in result.stderr
+
+
+async def test_token_from_a_secret_ending_in_a_newline_verifies_at_the_gateway() -> None:
+    # Kubernetes Secrets made from files often end in a newline; the gateway strips it, so must `token`.
+    env = {
+        **VALID_ENV,
+        "JWT_HS256_SECRET": SECRET + "\n",
+        "JWT_ISSUER": "https://issuer.example\n",
+        "JWT_AUDIENCE": "convai-gateway\n",
+    }
+    result = run_cli("token", "--sub", "alice", env=env)
+    assert result.returncode == 0, result.stderr
+    authenticator = Authenticator(load_settings(env))
+    principal = await authenticator.authenticate(f"Bearer {result.stdout.strip()}")
+    assert (principal.user_id, principal.issuer) == ("alice", "https://issuer.example")
+
+
+def test_serve_refuses_a_weak_public_key_naming_the_variable(tmp_path: Path) -> None:
+    key_file = tmp_path / "weak.pem"
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - must be refused
+    key_file.write_text(public_pem(weak))
+    env = {
+        "ELEVENLABS_API_KEY": "xi-cli-key",
+        "ALLOWED_AGENT_IDS": "agent_demo",
+        "JWT_PUBLIC_KEY_FILE": str(key_file),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+    }
+    for command in ("check-config", "serve"):
+        result = run_cli(command, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "JWT_PUBLIC_KEY_FILE" in result.stderr and "RSA 1024 bits" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_config_lists_wrongly_typed_issuer_values_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[[issuers]]\nissuer = "https://a.example"\nhs256_secret_env = "JWT_HS256_SECRET"\naudiences = 5\n'
+        "\n[[issuers]]\nissuer = 5\njwks_url = 5\npublic_key_file = 5\n"
+    )
+    result = run_cli("check-config", env={**VALID_ENV, "GATEWAY_CONFIG": str(config)})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for key in (
+        "issuers[0].audiences",
+        "issuers[1].issuer",
+        "issuers[1].jwks_url",
+        "issuers[1].public_key_file",
+    ):
+        assert f"GATEWAY_CONFIG: {key}: must be" in result.stderr, result.stderr
 
 
 @pytest.fixture

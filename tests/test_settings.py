@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from service.auth import Authenticator
 from service.settings import DEFAULT_RATE_LIMITS, ConfigError, Secret, load_settings
+from tests.auth.support import FakeClock, PrivateKey, claims, public_pem, sign
 
 GOOD = {
     "ELEVENLABS_API_KEY": "xi-key",
@@ -180,7 +185,7 @@ def test_settings_are_frozen() -> None:
 
 def test_toml_config_sets_policies_issuers_and_redis(tmp_path: Path) -> None:
     pem = tmp_path / "pub.pem"
-    pem.write_text("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n")
+    pem.write_text(public_pem(ed25519.Ed25519PrivateKey.generate()))
     config = tmp_path / "gateway.toml"
     config.write_text(
         f"""
@@ -205,11 +210,22 @@ sentinels = ["127.0.0.1:26379", "127.0.0.1:26380"]
 sentinel_service = "mymaster"
 """
     )
-    settings = load_settings({**GOOD, "GATEWAY_CONFIG": str(config), "PARTNER_SECRET": "p" * 40})
+    settings = load_settings(
+        {
+            **GOOD,
+            "JWT_ISSUER": "https://env.example",
+            "GATEWAY_CONFIG": str(config),
+            "PARTNER_SECRET": "p" * 40,
+        }
+    )
     session = settings.rate_limits["user-session"]
     assert (session.limit, session.period_seconds, session.burst, session.shadow) == (3, 10.0, 2, True)
     assert settings.rate_limits["user-history"] == DEFAULT_RATE_LIMITS["user-history"]
-    assert [i.issuer for i in settings.issuers] == [None, "https://partner.example", "https://pem.example"]
+    assert [i.issuer for i in settings.issuers] == [
+        "https://env.example",
+        "https://partner.example",
+        "https://pem.example",
+    ]
     assert settings.issuers[1].hs256_secret == Secret("p" * 40)
     assert settings.issuers[2].algorithms == ("EdDSA",)
     assert settings.redis.sentinels == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
@@ -238,3 +254,190 @@ def test_bad_toml_names_the_key(tmp_path: Path, toml: str, fragment: str) -> Non
     config.write_text(toml)
     found = problems({**GOOD, "GATEWAY_CONFIG": str(config)})
     assert any(fragment in p for p in found), found
+
+
+# A truncated Ed25519 key: it has the BEGIN PUBLIC KEY line, but its body does not parse.
+CORRUPT_PEM = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"
+WITHOUT_ENV_ISSUER = {k: v for k, v in GOOD.items() if k != "JWT_HS256_SECRET"}
+
+
+def rsa_1024_pem() -> bytes:
+    """Return the PEM public key of a fresh RSA key too short for the gateway."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - must be refused
+    return public_pem(weak).encode()
+
+
+def ec_p521_pem() -> bytes:
+    """Return the PEM public key of a fresh EC key on a curve the gateway does not verify (P-521)."""
+    return public_pem(ec.generate_private_key(ec.SECP521R1())).encode()
+
+
+def p256_der() -> bytes:
+    """Return a good EC P-256 public key, but in DER (binary) instead of PEM."""
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+BAD_KEY_FILES: list[tuple[str, Callable[[], bytes], str]] = [
+    ("rsa-1024", rsa_1024_pem, "holds RSA 1024 bits; use RSA >= 2048 bits, EC P-256/P-384 or Ed25519"),
+    ("ec-p521", ec_p521_pem, "holds EC secp521r1; use RSA >= 2048 bits, EC P-256/P-384 or Ed25519"),
+    ("corrupt-body", lambda: CORRUPT_PEM, "is not a valid PEM public key"),
+    ("der", p256_der, "is not a PEM public key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_key", "fragment"), [case[1:] for case in BAD_KEY_FILES], ids=[case[0] for case in BAD_KEY_FILES]
+)
+def test_unusable_public_key_file_is_a_problem_naming_the_variable(
+    tmp_path: Path, make_key: Callable[[], bytes], fragment: str
+) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(make_key())
+    found = problems({**WITHOUT_ENV_ISSUER, "JWT_PUBLIC_KEY_FILE": str(key_file)})
+    # Only the key's own problem: "no token keys configured" would hide the reason behind a wrong one.
+    assert len(found) == 1, found
+    assert found[0].startswith(f"JWT_PUBLIC_KEY_FILE: {str(key_file)!r} {fragment}"), found
+
+
+@pytest.mark.parametrize(
+    ("make_key", "fragment"), [case[1:] for case in BAD_KEY_FILES], ids=[case[0] for case in BAD_KEY_FILES]
+)
+def test_unusable_issuer_public_key_file_is_a_problem_naming_the_entry(
+    tmp_path: Path, make_key: Callable[[], bytes], fragment: str
+) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(make_key())
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[issuers]]\nissuer = "https://pem.example"\npublic_key_file = "{key_file}"\n')
+    found = problems({**WITHOUT_ENV_ISSUER, "GATEWAY_CONFIG": str(config)})
+    assert len(found) == 1, found
+    assert found[0].startswith("GATEWAY_CONFIG: issuers[0].public_key_file: ")
+    assert fragment in found[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "algorithm"),
+    [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+        (ec.generate_private_key(ec.SECP256R1()), "ES256"),
+        (ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+    ],
+    ids=["rsa-2048", "ec-p256", "ed25519"],
+)
+async def test_supported_public_key_file_loads_and_verifies_its_tokens(
+    tmp_path: Path, key: PrivateKey, algorithm: str
+) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(public_pem(key))
+    settings = load_settings({**WITHOUT_ENV_ISSUER, "JWT_PUBLIC_KEY_FILE": str(key_file)})
+    clock = FakeClock()
+    principal = await Authenticator(settings, clock=clock).authenticate(
+        f"Bearer {sign(claims(clock.now, sub='alice'), key, algorithm)}"
+    )
+    assert principal.user_id == "alice"
+
+
+def write_issuers(tmp_path: Path, *issuers: str | None) -> str:
+    """Write a GATEWAY_CONFIG with one HS256 [[issuers]] entry per name (None: no `issuer` key)."""
+    entries = [
+        "[[issuers]]\n"
+        + (f'issuer = "{name}"\n' if name is not None else "")
+        + 'hs256_secret_env = "PARTNER"\n'
+        for name in issuers
+    ]
+    config = tmp_path / "gateway.toml"
+    config.write_text("\n".join(entries))
+    return str(config)
+
+
+@pytest.mark.parametrize(
+    ("env_issuer", "file_issuers", "expected"),
+    [
+        (
+            None,
+            ["https://a.example", "https://a.example"],
+            "GATEWAY_CONFIG: issuers[1].issuer: 'https://a.example' is already the issuer of "
+            "GATEWAY_CONFIG: issuers[0].issuer",
+        ),
+        (
+            "https://a.example",
+            ["https://a.example"],
+            "GATEWAY_CONFIG: issuers[0].issuer: 'https://a.example' is already the issuer of JWT_ISSUER",
+        ),
+        ("", ["https://a.example"], "JWT_ISSUER: required when several issuers are configured"),
+        (None, ["https://a.example", None], "GATEWAY_CONFIG: issuers[1].issuer: required when several"),
+    ],
+    ids=["same-issuer-twice", "env-and-file-same", "env-issuer-unset", "file-issuer-unset"],
+)
+def test_several_issuers_each_need_their_own_issuer(
+    tmp_path: Path, env_issuer: str | None, file_issuers: list[str | None], expected: str
+) -> None:
+    # env_issuer None: no environment issuer; "": JWT_HS256_SECRET set but JWT_ISSUER not.
+    env = {
+        **WITHOUT_ENV_ISSUER,
+        "PARTNER": "p" * 40,
+        "GATEWAY_CONFIG": write_issuers(tmp_path, *file_issuers),
+    }
+    if env_issuer is not None:
+        env.update({"JWT_HS256_SECRET": "s" * 32, "JWT_ISSUER": env_issuer})
+    found = problems(env)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
+
+
+def test_one_issuer_may_leave_its_issuer_unset(tmp_path: Path) -> None:
+    from_env = load_settings(GOOD)
+    from_file = load_settings(
+        {**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": write_issuers(tmp_path, None)}
+    )
+    assert [i.issuer for i in from_env.issuers] == [None]
+    assert [i.issuer for i in from_file.issuers] == [None]
+
+
+async def test_distinct_issuers_each_verify_their_own_tokens(tmp_path: Path) -> None:
+    env = {
+        **GOOD,
+        "JWT_ISSUER": "https://env.example",
+        "PARTNER": "p" * 40,
+        "GATEWAY_CONFIG": write_issuers(tmp_path, "https://partner.example"),
+    }
+    clock = FakeClock()
+    authenticator = Authenticator(load_settings(env), clock=clock)
+    for issuer, secret in (("https://env.example", "s" * 32), ("https://partner.example", "p" * 40)):
+        token = sign(claims(clock.now, iss=issuer), secret, "HS256")
+        principal = await authenticator.authenticate(f"Bearer {token}")
+        assert principal.issuer == issuer
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("issuer = 5", "GATEWAY_CONFIG: issuers[0].issuer: must be a non-empty string"),
+        ('issuer = "  "', "GATEWAY_CONFIG: issuers[0].issuer: must be a non-empty string"),
+        ("audiences = 5", "GATEWAY_CONFIG: issuers[0].audiences: must be a string or a list of strings"),
+        (
+            'audiences = ["gw", 5]',
+            "GATEWAY_CONFIG: issuers[0].audiences: must be a string or a list of strings",
+        ),
+        ("jwks_url = 5", "GATEWAY_CONFIG: issuers[0].jwks_url: must be a URL string"),
+        ("public_key_file = 5", "GATEWAY_CONFIG: issuers[0].public_key_file: must be a file path string"),
+        (
+            "hs256_secret_env = 5",
+            "GATEWAY_CONFIG: issuers[0].hs256_secret_env: must be the name of a variable",
+        ),
+    ],
+)
+def test_wrongly_typed_issuer_value_is_a_problem_not_a_crash(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    key = line.split(" = ")[0]
+    entry = {"issuer": '"https://p.example"', "hs256_secret_env": '"PARTNER"', key: line.split(" = ")[1]}
+    config = tmp_path / "gateway.toml"
+    config.write_text("[[issuers]]\n" + "".join(f"{k} = {v}\n" for k, v in entry.items()))
+    found = problems({**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)})
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
