@@ -538,16 +538,29 @@ def _redis(reader: _Reader, data: Any) -> RedisTopology:
         reader.problems.append("GATEWAY_CONFIG: [redis] must be a table")
         return RedisTopology(url=url)
     sentinels: list[tuple[str, int]] = []
-    for item in data.get("sentinels", []):
-        host, _, port = str(item).rpartition(":")
-        if not host or not port.isdigit():
+    listed = data.get("sentinels", [])
+    if not isinstance(listed, list):
+        reader.problems.append('GATEWAY_CONFIG: redis.sentinels: must be a list of "host:port" strings')
+        listed = []
+    for item in listed:
+        host, _, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             reader.problems.append(f"GATEWAY_CONFIG: redis.sentinels: {item!r} is not host:port")
             continue
         sentinels.append((host, int(port)))
     service = data.get("sentinel_service")
-    if sentinels and not service:
+    if service is not None and (not isinstance(service, str) or not service.strip()):
+        reader.problems.append("GATEWAY_CONFIG: redis.sentinel_service: must be a non-empty string")
+        service = None
+    elif sentinels and not service:
         reader.problems.append("GATEWAY_CONFIG: redis.sentinel_service is required with redis.sentinels")
-    cluster = bool(data.get("cluster", False))
+    cluster = data.get("cluster", False)
+    if not isinstance(cluster, bool):
+        # bool("no") is True: a quoted value must not switch Cluster mode on.
+        reader.problems.append("GATEWAY_CONFIG: redis.cluster: must be true or false")
+        cluster = False
+    if cluster and sentinels:
+        reader.problems.append("GATEWAY_CONFIG: redis.cluster and redis.sentinels exclude each other")
     if cluster and url is None:
         reader.problems.append("GATEWAY_CONFIG: redis.cluster needs REDIS_URL (a seed node)")
     return RedisTopology(url=url, sentinels=tuple(sentinels), sentinel_service=service, cluster=cluster)

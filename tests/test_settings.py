@@ -245,6 +245,19 @@ sentinel_service = "mymaster"
         ('[[issuers]]\nissuer = "x"\n', "issuers[0]: needs hs256_secret_env, jwks_url or public_key_file"),
         ('[[issuers]]\nhs256_secret_env = "NOPE"\n', "variable NOPE is not set"),
         ("[redis]\ncluster = true\n", "redis.cluster needs REDIS_URL"),
+        # Wrong types were a traceback (sentinels = 5) or a silent surprise (cluster = "no" meant Cluster on).
+        ("[redis]\nsentinels = 5\n", 'redis.sentinels: must be a list of "host:port" strings'),
+        ("[redis]\nsentinels = [5]\n", "redis.sentinels: 5 is not host:port"),
+        ('[redis]\nsentinels = ["s:99999"]\nsentinel_service = "m"\n', "'s:99999' is not host:port"),
+        (
+            '[redis]\nsentinels = ["s:26379"]\nsentinel_service = 5\n',
+            "sentinel_service: must be a non-empty string",
+        ),
+        ('[redis]\ncluster = "no"\n', "redis.cluster: must be true or false"),
+        (
+            '[redis]\ncluster = true\nsentinels = ["s:26379"]\nsentinel_service = "m"\n',
+            "redis.cluster and redis.sentinels exclude each other",
+        ),
         ("[surprise]\n", "unknown sections surprise"),
         ("not toml = = =", "is not valid TOML"),
     ],
