@@ -68,7 +68,9 @@ class RateLimitPolicy:
     shadow: bool = False
 
 
-# DESIGN section 5 (contract names). `burst` defaults to `limit`, i.e. a plain sliding budget.
+# DESIGN section 5 (contract names). Where the design names no burst, `burst` is `limit`: an idle caller may
+# spend a whole period's budget at once, then one request every period/limit (so up to burst + limit pass in
+# the first period after a pause; the sustained rate never exceeds limit per period).
 DEFAULT_RATE_LIMITS: Mapping[str, RateLimitPolicy] = {
     p.name: p
     for p in (
