@@ -346,22 +346,55 @@ def _public_key_problem(pem: str) -> str | None:
     return f"holds {found}; use RSA >= {MIN_RSA_BITS} bits, EC P-256/P-384 or Ed25519"
 
 
-def _algorithms(reader: _Reader, name: str, value: Any, *, has_hs: bool, has_asym: bool) -> tuple[str, ...]:
+# The algorithm a PEM key verifies by default, per key family (service.jwks.key_family's names).
+_PEM_DEFAULT_ALGORITHM: Mapping[str, str] = {
+    "RSA": "RS256",
+    "EC:P-256": "ES256",
+    "EC:P-384": "ES384",
+    "OKP:Ed25519": "EdDSA",
+}
+_JWKS_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")  # DESIGN section 2
+
+
+def _pem_family(pem: str | None) -> str | None:
+    """Return the key family of a PEM `_public_key` already accepted (None without one)."""
+    if pem is None:
+        return None
+    from service.jwks import key_family  # see _public_key_problem
+
+    return key_family(load_pem_public_key(pem.encode()))
+
+
+def _algorithms(
+    reader: _Reader, name: str, value: Any, *, has_hs: bool, has_jwks: bool, pem: str | None
+) -> tuple[str, ...]:
+    from service.jwks import ALGORITHM_FAMILIES  # see _public_key_problem
+
+    family = _pem_family(pem)
     if value is None:
         algs: list[str] = []
         if has_hs:
             algs.append("HS256")
-        if has_asym:
-            algs.extend(("RS256", "ES256", "EdDSA"))
+        if has_jwks:
+            algs.extend(_JWKS_DEFAULT_ALGORITHMS)
+        # The PEM key's own algorithm: a P-384 key verifies only ES384, which the JWKS defaults leave out.
+        if family is not None and _PEM_DEFAULT_ALGORITHM[family] not in algs:
+            algs.append(_PEM_DEFAULT_ALGORITHM[family])
         return tuple(algs)
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         reader.problems.append(f"{name}: must be a list of algorithm names")
         return ()
-    allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_asym else ())
+    allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_jwks or pem else ())
     bad = [a for a in value if a not in allowed]
     if bad:
         reader.problems.append(
             f"{name}: {', '.join(bad)} not allowed for the keys configured (allowed: {', '.join(allowed)})"
+        )
+    if family is not None and not has_jwks and not any(ALGORITHM_FAMILIES.get(a) == family for a in value):
+        # Fail closed would still be the result, but silently: every token of this issuer refused.
+        reader.problems.append(
+            f"{name}: none of {', '.join(value) or 'them'} verifies with the {family} public key "
+            f"(its algorithm: {_PEM_DEFAULT_ALGORITHM[family]})"
         )
     return tuple(a for a in value if a in allowed)
 
@@ -417,7 +450,7 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
         issuer=reader.raw("JWT_ISSUER"),
         audiences=_audiences(reader, "JWT_AUDIENCE", reader.raw("JWT_AUDIENCE")),
         algorithms=_algorithms(
-            reader, "JWT_ALGORITHMS", None, has_hs=secret is not None, has_asym=bool(jwks or pem)
+            reader, "JWT_ALGORITHMS", None, has_hs=secret is not None, has_jwks=jwks is not None, pem=pem
         ),
         hs256_secret=secret,
         jwks_url=jwks,
@@ -475,7 +508,8 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             f"{where}.algorithms",
             entry.get("algorithms"),
             has_hs=secret is not None,
-            has_asym=bool(jwks or pem),
+            has_jwks=jwks is not None,
+            pem=pem,
         )
         if not named:
             continue  # already reported; leaving it out keeps the issuer-name checks from repeating it

@@ -338,8 +338,10 @@ def test_unusable_issuer_public_key_file_is_a_problem_naming_the_entry(
         (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
         (ec.generate_private_key(ec.SECP256R1()), "ES256"),
         (ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+        # A P-384 key verifies only ES384, which the issuer's default algorithms once left out.
+        (ec.generate_private_key(ec.SECP384R1()), "ES384"),
     ],
-    ids=["rsa-2048", "ec-p256", "ed25519"],
+    ids=["rsa-2048", "ec-p256", "ed25519", "ec-p384"],
 )
 async def test_supported_public_key_file_loads_and_verifies_its_tokens(
     tmp_path: Path, key: PrivateKey, algorithm: str
@@ -352,6 +354,25 @@ async def test_supported_public_key_file_loads_and_verifies_its_tokens(
         f"Bearer {sign(claims(clock.now, sub='alice'), key, algorithm)}"
     )
     assert principal.user_id == "alice"
+
+
+def test_public_key_issuer_whose_algorithms_cannot_use_its_key_is_a_problem(tmp_path: Path) -> None:
+    key_file = tmp_path / "rsa.pem"
+    key_file.write_text(public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[[issuers]]\nissuer = "https://pem.example"\npublic_key_file = "{key_file}"\nalgorithms = ["EdDSA"]\n'
+    )
+    found = problems({**WITHOUT_ENV_ISSUER, "GATEWAY_CONFIG": str(config)})
+    assert any("issuers[0].algorithms: none of EdDSA verifies with the RSA public key" in p for p in found), (
+        found
+    )
+    config.write_text(
+        f'[[issuers]]\nissuer = "https://pem.example"\npublic_key_file = "{key_file}"\nalgorithms = ["RS384"]\n'
+    )
+    assert load_settings({**WITHOUT_ENV_ISSUER, "GATEWAY_CONFIG": str(config)}).issuers[0].algorithms == (
+        "RS384",
+    )
 
 
 def write_issuers(tmp_path: Path, *issuers: str | None) -> str:
