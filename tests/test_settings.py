@@ -300,11 +300,12 @@ BAD_KEY_FILES: list[tuple[str, Callable[[], bytes], str]] = [
     ("corrupt-body", lambda: CORRUPT_PEM, "is not a valid PEM public key"),
     ("der", p256_der, "is not a PEM public key"),
 ]
-
-
-@pytest.mark.parametrize(
+each_bad_key_file = pytest.mark.parametrize(
     ("make_key", "fragment"), [case[1:] for case in BAD_KEY_FILES], ids=[case[0] for case in BAD_KEY_FILES]
 )
+
+
+@each_bad_key_file
 def test_unusable_public_key_file_is_a_problem_naming_the_variable(
     tmp_path: Path, make_key: Callable[[], bytes], fragment: str
 ) -> None:
@@ -316,9 +317,7 @@ def test_unusable_public_key_file_is_a_problem_naming_the_variable(
     assert found[0].startswith(f"JWT_PUBLIC_KEY_FILE: {str(key_file)!r} {fragment}"), found
 
 
-@pytest.mark.parametrize(
-    ("make_key", "fragment"), [case[1:] for case in BAD_KEY_FILES], ids=[case[0] for case in BAD_KEY_FILES]
-)
+@each_bad_key_file
 def test_unusable_issuer_public_key_file_is_a_problem_naming_the_entry(
     tmp_path: Path, make_key: Callable[[], bytes], fragment: str
 ) -> None:
