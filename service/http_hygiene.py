@@ -121,7 +121,10 @@ class BodyLimitMiddleware:
         self.body_timeout = body_timeout
 
     def _error(self) -> _BodyTooLarge:
-        return _BodyTooLarge(f"the request body is larger than {self.max_bytes} bytes")
+        # Connection: close, as for every answer given before the body is read (see `__call__`).
+        return _BodyTooLarge(
+            f"the request body is larger than {self.max_bytes} bytes", headers={"Connection": "close"}
+        )
 
     def _timeout(self) -> _BodyTimeout:
         # Connection: close, so the server drops the unread rest of the body instead of parsing it.
@@ -154,9 +157,10 @@ class BodyLimitMiddleware:
         received = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout if has_body and self.body_timeout is not None else None
+        body_complete = not has_body
 
         async def limited_receive() -> Message:
-            nonlocal received, deadline
+            nonlocal received, deadline, body_complete
             if deadline is None:
                 message = await receive()
             else:
@@ -166,6 +170,7 @@ class BodyLimitMiddleware:
                     raise self._timeout() from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 deadline = None  # the body is complete (or the client left): no deadline from here on
+                body_complete = True
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -176,4 +181,14 @@ class BodyLimitMiddleware:
             # Usually the app's GatewayError handler has already answered; this covers apps without one.
             return error_response(exc) if isinstance(exc, _BodyTooLarge | _BodyTimeout) else None
 
-        await answer_early_errors(self.app, scope, limited_receive, send, answer)
+        async def send_closing_if_unread(message: Message) -> None:
+            # An answer given before the whole body arrived (401, 404, 413...) closes the connection: kept
+            # alive, the server would read and drop the rest of the body for as long as the client trickles
+            # it, with no deadline running (the body deadline ends with the response).
+            if message["type"] == "http.response.start" and not body_complete:
+                headers = message.get("headers", [])
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await answer_early_errors(self.app, scope, limited_receive, send_closing_if_unread, answer)

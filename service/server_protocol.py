@@ -4,8 +4,14 @@ uvicorn arms a timer only between keep-alive requests; a new connection, or one 
 take as long as it likes to send the header block. A few hundred such slow clients (slowloris) hold as many sockets
 and file descriptors for free. Here every request's headers must be complete within
 `REQUEST_HEADER_TIMEOUT_SECONDS` of the connection opening (first request) or of its first byte (later requests on
-a kept-alive connection); otherwise the client gets `408 Request Timeout` and the connection is closed. The body
-has its own deadline (`REQUEST_BODY_TIMEOUT_SECONDS`, `service.http_hygiene`).
+a kept-alive connection, including bytes such as a lone CRLF that begin no request); otherwise the client gets
+`408 Request Timeout` and the connection is closed. The body has its own deadline (`REQUEST_BODY_TIMEOUT_SECONDS`,
+`service.http_hygiene`).
+
+httptools sets no limit on the size of a header block, so a client could also push megabytes of headers into the
+process within the deadline. A request line and headers over `MAX_HEADER_BYTES`, or more than `MAX_HEADER_COUNT`
+header lines, get `431 Request Header Fields Too Large` and the connection is closed (nginx's defaults are smaller:
+4 x 8 KiB; a bearer token here is at most 8 KiB).
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ _REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest headers too slow\r\n"
 )
+_HEADERS_TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest headers too large\r\n"
+)
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 100
 
 
 @functools.cache
@@ -37,22 +49,60 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 408 and closes when request headers arrive too slowly."""
 
     _header_deadline: asyncio.TimerHandle | None = None
+    _in_header_block = True  # from the connection's first byte (or a request's end) to its headers' end
+    _header_bytes = 0
+    _header_count = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept the connection and start the clock for its first request's headers."""
         super().connection_made(transport)
         self._arm_header_deadline()
 
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, bounding the header block in time and size."""
+        if self.transport.is_closing():
+            return
+        if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            # Between requests uvicorn's keep-alive timer is cancelled by any byte, even a CRLF that starts no
+            # request: from that byte on, the next request's headers are due within the deadline.
+            self._arm_header_deadline()
+        counting = self._in_header_block
+        super().data_received(data)
+        if counting and self._in_header_block:
+            # The whole chunk counts while the headers stay incomplete (a chunk that completes them resets
+            # the count in on_headers_complete), so the bound is exact to within one read.
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._refuse_headers()
+
     def on_message_begin(self) -> None:
         """Start a request; on a kept-alive connection its headers get a fresh deadline."""
         super().on_message_begin()
+        self._in_header_block = True
+        self._header_count = 0
         if self._header_deadline is None:
             self._arm_header_deadline()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep one header line, unless there are too many already (then keep none, refused below)."""
+        self._header_count += 1
+        if self._header_count <= MAX_HEADER_COUNT:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
-        """Stop the header clock, then hand the request to the app."""
+        """Stop the header clock, then hand the request to the app (or refuse too many headers)."""
         self._cancel_header_deadline()
+        self._in_header_block = False
+        self._header_bytes = 0
+        if self._header_count > MAX_HEADER_COUNT:
+            self._refuse_headers()
+            return
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        """Finish a response; the connection waits for the next request's header block."""
+        self._in_header_block = True
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the header clock with the connection."""
@@ -66,6 +116,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+
+    def _refuse_headers(self) -> None:
+        self._cancel_header_deadline()
+        if self.transport.is_closing():
+            return
+        logger.info("closed a connection whose request headers were too large (431)")
+        self.transport.write(_HEADERS_TOO_LARGE_RESPONSE)
+        self.transport.close()
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

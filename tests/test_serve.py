@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.dev_tokens import mint_token
+from service.server_protocol import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import TEST_JWT_SECRET, gateway_env
 from tests.support.servers import free_port
@@ -215,3 +216,48 @@ def test_each_kept_alive_request_gets_its_own_header_deadline(served: Served) ->
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gat")
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_bytes_that_begin_no_request_start_the_header_deadline(served: Served) -> None:
+    # A lone CRLF cancels uvicorn's keep-alive timer without beginning a request: it once held the
+    # connection open for good.
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"\r\n")
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_oversized_header_block_gets_431_and_the_connection_closed(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES + 1024))
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:100]
+
+
+def test_too_many_header_lines_get_431(served: Served) -> None:
+    lines = b"".join(b"X-H%d: v\r\n" % index for index in range(MAX_HEADER_COUNT + 1))
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n" + lines + b"\r\n")
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    with _connect(served) as sock:  # at the limit, the request is served
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n" + lines.split(b"\r\n", 1)[1] + b"\r\n")
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("length", "status"),
+    [(10_000_000, b"413"), (1_000, b"401")],  # too large to read; refused before the body is read (no token)
+)
+def test_answer_before_the_body_closes_the_connection(served: Served, length: int, status: bytes) -> None:
+    # Kept alive, the server would drop the unread body for as long as the client trickles it.
+    with _connect(served) as sock:
+        sock.sendall(
+            b"POST /v1/convai/conversations/conv_1/feedback HTTP/1.1\r\nHost: gateway\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % length
+        )
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:100]
+    assert b"\r\nconnection: close\r\n" in answer.lower()
