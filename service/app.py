@@ -99,16 +99,17 @@ def create_app(settings: Settings) -> Starlette:
         routes.append(Route("/metrics", metrics_endpoint(metrics), methods=["GET"]))
 
     # Outermost first: request id + access log see everything (500s included, thanks to the error
-    # boundary inside them), CORS answers preflights before auth.
+    # boundary inside them), CORS answers preflights before auth and, outside the error boundary, puts its
+    # headers on 500s too (a browser could not read the problem or its request id otherwise).
     middleware = [
         Middleware(RequestContextMiddleware, metrics=metrics, trusted_proxies=settings.trusted_proxies),
         Middleware(SecurityHeadersMiddleware),
-        Middleware(UnhandledErrorMiddleware),
     ]
     cors = cors_middleware(settings.cors_allowed_origins)
     if cors is not None:
         middleware.append(cors)
     middleware += [
+        Middleware(UnhandledErrorMiddleware),
         Middleware(
             BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES, body_timeout=settings.request_body_timeout_seconds
         ),

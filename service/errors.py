@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -296,10 +296,17 @@ class UnhandledErrorMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def answer(exc: Exception) -> Response:
+        async def answer(exc: Exception) -> Response | None:
+            if isinstance(exc, ClientDisconnect):
+                return None  # nobody is left to answer; re-raised and ended below
             return await _unhandled_error_handler(Request(scope), exc)
 
-        await answer_early_errors(self.app, scope, receive, send, answer)
+        try:
+            await answer_early_errors(self.app, scope, receive, send, answer)
+        except ClientDisconnect:
+            # The client hung up while its body was being read: not a gateway failure, so no 500 and no
+            # ERROR line (anyone could raise those at will); the access log and metrics record a 499.
+            logger.info("client disconnected before its request body was read")
 
 
 async def answer_early_errors(

@@ -11,7 +11,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, RequestTimeout, answer_early_errors, error_response
+from service.errors import (
+    PayloadTooLarge,
+    RequestTimeout,
+    answer_early_errors,
+    error_response,
+    problem_response,
+)
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
 _HTTP1: Final = ("1.0", "1.1")
@@ -71,6 +77,23 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware whose refused preflights are problem+json like every other error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        """Answer a preflight; a refusal keeps its reason and its CORS headers in a problem body."""
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        kept = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-type", "content-length")
+        }
+        reason = bytes(response.body).decode("utf-8")  # "Disallowed CORS origin, headers"
+        return problem_response(400, "cors_refused", "CORS preflight refused", reason, headers=kept)
+
+
 def cors_middleware(origins: tuple[str, ...]) -> Middleware | None:
     """Return a CORS middleware for exactly `origins`, or None when no origin is allowed."""
     if not origins:
@@ -78,7 +101,7 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware | None:
     if "*" in origins:
         raise ValueError("CORS origins must be listed explicitly; '*' is not allowed")
     return Middleware(
-        CORSMiddleware,
+        ProblemCORSMiddleware,
         allow_origins=list(origins),
         # Callers authenticate with bearer tokens, never cookies: credentialed CORS is never needed.
         allow_credentials=False,

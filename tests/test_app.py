@@ -151,6 +151,19 @@ async def test_unexpected_errors_are_500_problems_with_request_id_and_security_h
     assert response.headers["x-content-type-options"] == "nosniff"
 
 
+async def test_unexpected_errors_carry_cors_headers_for_allowed_origins(make_gateway: GatewayFactory) -> None:
+    # The error boundary sits inside CORS, so a browser can read a 500's problem body and request id.
+    async def explode(request: object) -> None:
+        raise RuntimeError("boom")
+
+    async with make_gateway(CORS_ALLOWED_ORIGINS="https://app.example") as gw:
+        gw.app.router.routes.append(Route("/explode", explode))
+        response = await gw.client.get("/explode", headers={"Origin": "https://app.example"})
+    assert response.status_code == 500
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+
 async def test_security_headers_and_request_id_on_every_response(gateway: Gateway) -> None:
     for path in ("/healthz", "/nope", "/v1/convai/conversations"):
         response = await gateway.client.get(path)

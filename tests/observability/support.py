@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.errors import EXCEPTION_HANDLERS, NotFound
+from service.errors import EXCEPTION_HANDLERS, NotFound, UnhandledErrorMiddleware
 from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
 from service.observability import Metrics, RequestContextMiddleware, metrics_endpoint
 
@@ -104,6 +104,7 @@ def build_app(
     cors = cors_middleware(origins)
     if cors is not None:
         middleware.append(cors)
+    middleware.append(Middleware(UnhandledErrorMiddleware))
     middleware.append(Middleware(BodyLimitMiddleware, max_bytes=max_body))
     return Starlette(
         routes=[

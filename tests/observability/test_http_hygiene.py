@@ -111,6 +111,10 @@ async def test_preflight_from_other_origin_gets_no_grant() -> None:
         response = await http.options("/items/1", headers=preflight(OTHER))
     assert response.status_code == 400
     assert "access-control-allow-origin" not in response.headers
+    # Every error body is a problem (DESIGN section 1), refused preflights included.
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "cors_refused"
+    assert response.json()["detail"] == "Disallowed CORS origin"
 
 
 async def test_preflight_asking_for_act_as_header_is_refused() -> None:
@@ -227,3 +231,12 @@ async def test_http2_body_without_length_headers_is_still_limited() -> None:
     scope = {"type": "http", "http_version": "2", "method": "POST", "path": "/", "headers": []}
     await BodyLimitMiddleware(read_all_then_answer, max_bytes=100)(scope, receive, send)  # type: ignore[arg-type]
     assert sent[0]["status"] == 413
+
+
+async def test_unhandled_errors_carry_cors_headers_for_allowed_origins() -> None:
+    # A browser can read a 500's problem body and request id only with the CORS headers on it.
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.get("/boom", headers={"Origin": ALLOWED})
+    assert response.status_code == 500
+    assert response.headers["access-control-allow-origin"] == ALLOWED
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import jwt
 import pytest
+from starlette.types import Message
 
 from service.observability import ACCESS_LOGGER, JsonFormatter, Metrics, configure_logging, user_hash
 from tests.observability.support import Probe, build_app
@@ -237,3 +238,49 @@ def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
         "convai_gateway_http_requests_total", {"method": "GET", "route": "/forever", "status": "200"}
     )
     assert count == 1
+
+
+async def test_client_leaving_mid_body_is_a_499_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    app = build_app(metrics)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("203.0.113.9", 5000),
+        "server": ("testserver", 80),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"40"),
+        ],
+    }
+    messages: list[Message] = [
+        {"type": "http.request", "body": b'{"a": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    caplog.set_level(logging.INFO)
+    await app(scope, receive, send)
+    assert sent == []  # nobody to answer
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert (
+        metrics.registry.get_sample_value(
+            "convai_gateway_http_requests_total", {"method": "POST", "route": "/echo", "status": "499"}
+        )
+        == 1
+    )
