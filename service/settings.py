@@ -228,10 +228,23 @@ class _Reader:
             return None
 
 
-def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
-        reader.problems.append(f"{name}: must be a URL with scheme {'/'.join(schemes)}; got {url!r}")
+def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -> bool:
+    # The URL itself is never echoed: it may carry a password (redis://:secret@host), and problems are
+    # printed by check-config and serve, i.e. into init-container and pod logs.
+    wanted = f"must be a URL with scheme {'/'.join(schemes)}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is part of the check
+    except ValueError:
+        reader.problems.append(f"{name}: {wanted}; it does not parse as a URL")
+        return False
+    if parts.scheme not in schemes:
+        reader.problems.append(f"{name}: {wanted}; got scheme {parts.scheme!r}")
+        return False
+    if not (parts.netloc or parts.scheme == "unix"):
+        reader.problems.append(f"{name}: {wanted} and a host")
+        return False
+    return True
 
 
 def _egress_proxy(reader: _Reader) -> Secret | None:
@@ -297,7 +310,8 @@ def _jwks_url(reader: _Reader, name: str, value: Any) -> str | None:
     if not isinstance(value, str):
         reader.problems.append(f"{name}: must be a URL string")
         return None
-    _check_url(reader, name, value, ("https", "http"))
+    if not _check_url(reader, name, value, ("https", "http")):
+        return None
     if urlsplit(value).scheme == "http" and not is_loopback_host(urlsplit(value).hostname):
         reader.problems.append(f"{name}: must use https (plain http is allowed only on loopback)")
     return value
@@ -618,8 +632,16 @@ def _cors_origins(reader: _Reader) -> tuple[str, ...]:
         if origin == "*":
             reader.problems.append("CORS_ALLOWED_ORIGINS: '*' is not allowed; list the exact origins")
             continue
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        try:
+            parts: SplitResult | None = urlsplit(origin)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path not in ("", "/")
+        ):
             reader.problems.append(
                 f"CORS_ALLOWED_ORIGINS: {origin!r} is not an origin like https://app.example"
             )

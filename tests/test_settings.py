@@ -107,6 +107,19 @@ def test_every_contract_name_is_read() -> None:
         ("REQUEST_HEADER_TIMEOUT_SECONDS", "soon", "REQUEST_HEADER_TIMEOUT_SECONDS: expected a number"),
         ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must be a URL with scheme"),
         ("ELEVENLABS_BASE_URL", "ftp://x", "ELEVENLABS_BASE_URL: must be a URL"),
+        # Unparsable URLs were a ValueError traceback (exit 1 instead of 2).
+        (
+            "ELEVENLABS_BASE_URL",
+            "http://[::1",
+            "ELEVENLABS_BASE_URL: must be a URL with scheme https/http; it does not",
+        ),
+        (
+            "REDIS_URL",
+            "redis://:s3cret@[bad",
+            "REDIS_URL: must be a URL with scheme redis/rediss/unix; it does not",
+        ),
+        ("JWT_JWKS_URL", "https://[::1/jwks", "JWT_JWKS_URL: must be a URL"),
+        ("CORS_ALLOWED_ORIGINS", "https://[::1", "is not an origin"),
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip", "TRUSTED_PROXIES: 'not-an-ip'"),
         ("CORS_ALLOWED_ORIGINS", "*", "CORS_ALLOWED_ORIGINS: '*' is not allowed"),
         ("CORS_ALLOWED_ORIGINS", "https://app.example/path", "is not an origin"),
@@ -119,6 +132,14 @@ def test_every_contract_name_is_read() -> None:
 def test_bad_value_names_the_variable_and_reason(name: str, value: str, fragment: str) -> None:
     found = problems({**GOOD, name: value})
     assert any(fragment in p for p in found), found
+
+
+def test_url_problems_never_echo_the_url() -> None:
+    # A Redis URL carries its password: check-config prints problems into init-container logs.
+    for url in ("http://:supersecret@redis:6379", "redis://:supersecret@[redis"):
+        found = problems({**GOOD, "REDIS_URL": url})
+        assert [p for p in found if p.startswith("REDIS_URL:")], found
+        assert not [p for p in found if "supersecret" in p], found
 
 
 def test_all_problems_are_reported_at_once() -> None:
