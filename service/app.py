@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
@@ -17,7 +18,13 @@ from service.auth import AuthenticationMiddleware, Authenticator
 from service.errors import EXCEPTION_HANDLERS, UnhandledErrorMiddleware
 from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
 from service.ledger import build_ledger
-from service.observability import Metrics, RequestContextMiddleware, configure_logging, metrics_endpoint
+from service.observability import (
+    Metrics,
+    RequestContextMiddleware,
+    configure_logging,
+    mask_known_secret,
+    metrics_endpoint,
+)
 from service.ratelimit import IpAuthFailureGuard, build_rate_limiter
 from service.redis_client import close_redis, create_redis
 from service.routes import conversations, health, sessions
@@ -32,6 +39,7 @@ MAX_BODY_BYTES = 16 * 1024
 
 def create_app(settings: Settings) -> Starlette:
     """Build the gateway ASGI app from validated settings."""
+    _mask_configured_secrets(settings)
     metrics = Metrics()
     authenticator = Authenticator(settings, on_jwks_refresh=metrics.jwks_refresh)
     # Redis clients connect lazily, so building them here (outside the event loop) is safe; the lifespan
@@ -125,6 +133,18 @@ def create_app(settings: Settings) -> Starlette:
     # silently become another conversation id.
     app.router.redirect_slashes = False
     return app
+
+
+def _mask_configured_secrets(settings: Settings) -> None:
+    mask_known_secret(settings.elevenlabs_api_key.reveal())
+    for issuer in settings.issuers:
+        if issuer.hs256_secret is not None:
+            mask_known_secret(issuer.hs256_secret.reveal())
+    if settings.egress_proxy_url is not None:
+        password = urlsplit(settings.egress_proxy_url.reveal()).password
+        if password:
+            mask_known_secret(unquote(password))
+            mask_known_secret(password)
 
 
 def app_from_environment() -> Starlette:

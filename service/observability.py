@@ -297,8 +297,10 @@ _MASK: Final = "[REDACTED]"
 _SECRET_PATTERNS: Final = (
     # JWS (3 parts) and JWE (5 parts) compact serialisations.
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), _MASK),
+    # `xi-api-key: v`, `"xi-api-key": "v"`, `xi_api_key=v`, a header pair `('xi-api-key', 'v')`, and the
+    # same inside JSON-escaped text (`\"xi-api-key\": \"v\"`).
     (
-        re.compile(r"""(?i)(xi[-_]api[-_]key["']?\s*[:=]\s*(?:b?["'])?)[^\s"',;&}\])]+"""),
+        re.compile(r"""(?i)(xi[-_]api[-_]key\\?["']?\s*[:=,]\s*(?:b?\\?["'])?)[^\s"',;&}\])\\]+"""),
         r"\g<1>" + _MASK,
     ),
     (re.compile(r"(?i)(conversation_signature=)[^\s&\"'#]+"), r"\g<1>" + _MASK),
@@ -308,8 +310,24 @@ _SECRET_PATTERNS: Final = (
 )
 
 
+# Literal values masked wherever they appear, whatever surrounds them (`mask_known_secret`).
+_known_secrets: list[str] = []
+_MIN_KNOWN_SECRET_CHARS: Final = 8
+
+
+def mask_known_secret(value: str) -> None:
+    """Mask `value` literally in every log line from now on (the configured API key, a proxy password)."""
+    # Patterns catch secrets by their shape or label; the configured values themselves are known, so they
+    # are masked even where neither shows (an exception quoting the key bare, say).
+    if len(value) >= _MIN_KNOWN_SECRET_CHARS and value not in _known_secrets:
+        _known_secrets.append(value)
+
+
 def mask_secrets(text: str) -> str:
-    """Replace JWTs, xi-api-key values, bearer tokens and signed-URL signatures in `text`."""
+    """Replace known secrets, JWTs, xi-api-key values, bearer tokens and signed-URL signatures in `text`."""
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, _MASK)
     # Fast path (called ~15 times per request): every pattern needs one of these substrings, ignoring
     # ASCII case. Only for ASCII text: (?i) also folds a few non-ASCII letters (e.g. U+017F) onto ASCII.
     if text.isascii():
@@ -384,11 +402,12 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in _extra_fields(record).items():
             payload.setdefault(key, value)
+        # Exception and stack text are not covered by the filter's message pass: masked here before JSON
+        # escaping (a quoted key inside them would read \"xi-api-key\" after it), then the whole line again.
         if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
+            payload["exc"] = mask_secrets(self.formatException(record.exc_info))
         if record.stack_info:
-            payload["stack"] = self.formatStack(record.stack_info)
-        # Exception text and extras are not covered by the filter's message pass: mask the whole line.
+            payload["stack"] = mask_secrets(self.formatStack(record.stack_info))
         return mask_secrets(json.dumps(payload, default=str, separators=(",", ":"), ensure_ascii=False))
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import jwt
 import pytest
 
+from service.app import create_app
 from service.observability import (
     AUDIT_LOGGER,
     JsonFormatter,
@@ -19,6 +20,7 @@ from service.observability import (
     mask_secrets,
     user_hash,
 )
+from service.settings import load_settings
 
 SIGNING_KEY = "observability-tests-signing-key-0123456789abcdef0123456789abcdef"
 API_KEY = "sk_" + "0123456789abcdef" * 3
@@ -179,3 +181,50 @@ def test_secret_mask_filter_masks_args_of_a_broken_format_string() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "two %s %s but one arg", (token,), None)
     assert SecretMaskFilter().filter(record) is True
     assert record.args == ("[REDACTED]",)
+
+
+# A key without the sk_<hex> shape: only the xi-api-key label, or knowing the value, can catch it.
+UNSHAPED_KEY = "xi-test-key-0123456789abcdefghij"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"[('xi-api-key', '{UNSHAPED_KEY}'), ('accept', 'application/json')]",  # the transport's header pairs
+        f'{{"xi-api-key": "{UNSHAPED_KEY}"}}',
+        f"XI_API_KEY={UNSHAPED_KEY}",
+    ],
+)
+def test_xi_api_key_is_masked_in_every_quoting(text: str) -> None:
+    assert UNSHAPED_KEY not in mask_secrets(text)
+
+
+def test_exception_text_is_masked_before_json_escaping(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        raise RuntimeError(f'upstream echoed {{"xi-api-key": "{UNSHAPED_KEY}"}}')
+    except RuntimeError:
+        logging.getLogger("convai_gateway.test").exception("call failed")
+    (line,) = read_lines(capsys)
+    assert UNSHAPED_KEY not in json.dumps(line)
+
+
+def test_configured_secrets_are_masked_wherever_they_appear(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare_key = "bare-key-" + "q" * 24
+    hs_secret = "hs-secret-" + "w" * 32
+    settings = load_settings(
+        {
+            "ELEVENLABS_API_KEY": bare_key,
+            "ALLOWED_AGENT_IDS": "agent_demo",
+            "JWT_HS256_SECRET": hs_secret,
+            "EGRESS_PROXY_URL": "http://proxy-user:proxy%2Fpass123@127.0.0.1:3128",
+        }
+    )
+    create_app(settings)
+    logging.getLogger("convai_gateway.test").warning("odd: %s %s %s", bare_key, hs_secret, "proxy/pass123")
+    (line,) = read_lines(capsys)
+    for secret in (bare_key, hs_secret, "proxy/pass123", "proxy%2Fpass123"):
+        assert secret not in json.dumps(line)
