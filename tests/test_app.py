@@ -113,6 +113,23 @@ async def test_metrics_are_served_in_prometheus_format(gateway: Gateway) -> None
     assert 'convai_gateway_http_requests_total{method="GET",route="/healthz",status="200"}' in response.text
 
 
+async def test_responses_before_the_router_are_counted_under_their_route(gateway: Gateway) -> None:
+    # The authentication middleware answers before the router sets the route: the path still names it.
+    assert (await gateway.client.get("/v1/convai/conversations")).status_code == 401
+    assert (await gateway.client.delete("/v1/convai/conversations/conv_1")).status_code == 401
+    assert (await gateway.client.get("/v1/no-such-route")).status_code in (401, 404)
+    text = (await gateway.client.get("/metrics")).text
+    assert (
+        'convai_gateway_http_requests_total{method="GET",route="/v1/convai/conversations",status="401"}'
+        in text
+    )
+    assert (
+        'convai_gateway_http_requests_total{method="DELETE",'
+        'route="/v1/convai/conversations/{conversation_id}",status="401"}'
+    ) in text
+    assert 'route="/v1/no-such-route"' not in text
+
+
 async def test_unreachable_upstream_is_a_502_problem(redis_url: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     settings = load_settings(gateway_env(dead, "xi-key", redis_url, UPSTREAM_MAX_RETRIES="0"))
