@@ -46,12 +46,17 @@ def configured_header_timeout() -> float:
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol that answers 408 and closes when request headers arrive too slowly."""
+    """uvicorn's httptools protocol that closes with 408 on slow request headers and 431 on oversized ones.
+
+    A pipelined request's header block may run out of time or size while the previous response is still
+    being sent; its refusal then waits for that response to end, so no 408 or 431 lands inside it.
+    """
 
     _header_deadline: asyncio.TimerHandle | None = None
     _in_header_block = True  # from the connection's first byte (or a request's end) to its headers' end
     _header_bytes = 0
     _header_count = 0
+    _refusal: bytes | None = None  # a 408 or 431 held back until the response in progress ends
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept the connection and start the clock for its first request's headers."""
@@ -60,7 +65,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, bounding the header block in time and size."""
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refusal is not None:
             return
         if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
             # Between requests uvicorn's keep-alive timer is cancelled by any byte, even a CRLF that starts no
@@ -100,9 +105,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        """Finish a response; the connection waits for the next request's header block."""
+        """Finish a response; send a refusal held back meanwhile, or wait for the next header block."""
         self._in_header_block = True
         super().on_response_complete()
+        if self._refusal is not None:
+            self._refuse(self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the header clock with the connection."""
@@ -118,17 +125,21 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._header_deadline = None
 
     def _refuse_headers(self) -> None:
-        self._cancel_header_deadline()
-        if self.transport.is_closing():
-            return
-        logger.info("closed a connection whose request headers were too large (431)")
-        self.transport.write(_HEADERS_TOO_LARGE_RESPONSE)
-        self.transport.close()
+        logger.info("closing a connection whose request headers were too large (431)")
+        self._refuse(_HEADERS_TOO_LARGE_RESPONSE)
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
+        logger.info("closing a connection whose request headers did not arrive in time (408)")
+        self._refuse(_REQUEST_TIMEOUT_RESPONSE)
+
+    def _refuse(self, response: bytes) -> None:
+        self._cancel_header_deadline()
         if self.transport.is_closing():
             return
-        logger.info("closed a connection whose request headers did not arrive in time (408)")
-        self.transport.write(_REQUEST_TIMEOUT_RESPONSE)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Pipelined behind a response still being sent: refuse once it has ended, read nothing more.
+            self._refusal = response
+            return
+        self.transport.write(response)
         self.transport.close()

@@ -112,12 +112,14 @@ class RedisServer:
 class ServedApp:
     """An ASGI app served by uvicorn in a background thread on a free loopback port."""
 
-    def __init__(self, app: Any, *, lifespan: str = "on", ws: str = "websockets-sansio") -> None:
+    def __init__(
+        self, app: Any, *, lifespan: str = "on", ws: str = "websockets-sansio", http: Any = "auto"
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
-        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, ws=ws)  # type: ignore[arg-type]
+        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, ws=ws, http=http)  # type: ignore[arg-type]
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
