@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from redis.exceptions import RedisClusterException, RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
@@ -26,7 +25,7 @@ from service.observability import (
     metrics_endpoint,
 )
 from service.ratelimit import IpAuthFailureGuard, build_rate_limiter
-from service.redis_client import close_redis, create_redis
+from service.redis_client import REDIS_ERRORS, close_redis, create_redis
 from service.routes import conversations, health, sessions
 from service.settings import Settings, load_settings
 from service.state import Services
@@ -70,7 +69,7 @@ def create_app(settings: Settings) -> Starlette:
             # with retries off (the breaker decides) that should happen before traffic, once.
             try:
                 await redis.initialize()
-            except (RedisError, RedisClusterException, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 # A cluster that is down at start is an outage like any other: the gateway starts, /readyz
                 # says so, the limiter degrades per RATE_LIMIT_ON_REDIS_ERROR and discovers the topology later.
                 logger.warning("Redis Cluster unreachable at start: %s", type(exc).__name__)

@@ -47,10 +47,11 @@ from typing import Any, Protocol
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from service.client_ip import client_ip
 from service.errors import GatewayError, RateLimited, ServiceUnavailable
+from service.redis_client import REDIS_ERRORS
 from service.settings import IPNetwork, RateLimitPolicy, RedisErrorMode, Settings
 
 logger = logging.getLogger("service.ratelimit")
@@ -71,14 +72,6 @@ ROUTE_POLICIES: Mapping[str, tuple[str, ...]] = {
     "feedback": ("user-feedback",),
     "delete": ("user-delete",),
 }
-
-# Errors a redis.asyncio client (standalone, Sentinel or Cluster) raises when Redis is unusable.
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    RedisError,
-    RedisClusterException,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 # Both scripts start here: `now` in microseconds is ARGV[1], or Redis TIME when ARGV[1] is "" (one clock for
 # every gateway process).
@@ -469,7 +462,7 @@ class RedisRateLimiter:
             else:
                 _, results = await self._acquire_group(unique, now)
                 decision = _combine(results)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             raise RateLimiterUnavailable(f"rate limiter unavailable: {type(exc).__name__}") from exc
         observe_decision(decision, self._observe)
         return decision

@@ -19,11 +19,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, SlotNotCoveredError
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
 from service.settings import RedisTopology
+
+# What a client built here (standalone, Sentinel or Cluster) raises when Redis is unusable: callers catch
+# these and degrade (the limiter) or fail closed (the ledger); anything else is a bug.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 # Attribute on a Sentinel-backed client holding its Sentinel, so `close_redis` can close both.
 _SENTINEL_ATTR = "_convai_sentinel"
