@@ -431,7 +431,8 @@ def _issuer_name(reader: _Reader, name: str, value: Any) -> tuple[bool, str | No
     if not isinstance(value, str) or not value.strip():
         reader.problems.append(f"{name}: must be a non-empty string (the tokens' iss)")
         return False, None
-    return True, value
+    # Trimmed like every environment value (JWT_ISSUER): "https://a " would otherwise never match a token.
+    return True, value.strip()
 
 
 def _check_issuer_names(reader: _Reader, issuers: list[tuple[str, IssuerConfig]]) -> None:

@@ -443,6 +443,13 @@ def test_several_issuers_each_need_their_own_issuer(
     assert found[0].startswith(expected), found
 
 
+def test_file_issuer_names_are_trimmed_like_environment_ones(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[issuers]]\nissuer = " https://a.example "\nhs256_secret_env = "PARTNER"\n')
+    settings = load_settings({**WITHOUT_ENV_ISSUER, "GATEWAY_CONFIG": str(config), "PARTNER": "p" * 40})
+    assert settings.issuers[0].issuer == "https://a.example"
+
+
 def test_one_issuer_may_leave_its_issuer_unset(tmp_path: Path) -> None:
     from_env = load_settings(GOOD)
     from_file = load_settings(
