@@ -25,11 +25,12 @@ COPY service ./service
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir /wheels/convai_gateway-*.whl \
-    && /opt/venv/bin/pip uninstall --yes pip \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && /opt/venv/bin/python -c "import service.app, service.emulator" \
     && /opt/venv/bin/convai-gateway --help >/dev/null
 
 # ---- runtime: interpreter + venv only, no build tools, non-root -----------------------
+# (pip and the setuptools venv seeds are uninstalled above: nothing at runtime needs them, scanners flag them.)
 FROM ${PYTHON_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="convai-gateway" \

@@ -151,7 +151,8 @@ print(f"every third-party import of service/ is provided by the {len(declared)} 
 PY
 
 # ---- Helm chart: lint and render ----------------------------------------------------------
-VALUE_SETS=(default "$CHART/ci/full-values.yaml" "$CHART/ci/cluster-existing-secret-values.yaml")
+VALUE_SETS=(default "$CHART/ci/full-values.yaml" "$CHART/ci/cluster-existing-secret-values.yaml"
+    "$CHART/ci/sentinel-password-values.yaml")
 values_args() { [ "$1" = default ] || printf -- '-f\n%s\n' "$1"; }
 
 for values in "${VALUE_SETS[@]}"; do
@@ -182,6 +183,23 @@ expect_render_failure "unknown rate-limit policy" --set gatewayToml.rateLimits.u
 expect_render_failure "metrics port equals http port" --set metrics.port=8080
 expect_render_failure "grace period shorter than the drain" --set terminationGracePeriodSeconds=20
 expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0].hs256SecretEnv=NOPE'
+expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
+expect_render_failure "a chart-managed name in extraEnv" --set config.extraEnv.PORT=9000
+expect_render_failure "a secret-looking name in extraEnv" --set config.extraEnv.PARTNER_HS256_SECRET=x
+
+step "url mode with an existing Secret requires its REDIS_URL key"
+# Optional, a missing or misspelt key would leave every replica with its own limits and ledger, silently.
+"$BIN/helm" template t "$CHART" --set secret.existingSecret=creds >"$WORK/existing-url.yaml"
+"$PY" - "$WORK/existing-url.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+[ref] = [v["valueFrom"]["secretKeyRef"] for v in gateway["env"] if v["name"] == "REDIS_URL"]
+if ref.get("optional", False):
+    sys.exit("REDIS_URL from an existing Secret is optional in url mode")
+print("REDIS_URL from the existing Secret is required in url mode")
+PY
 
 # ---- Rendered manifests against the Kubernetes schemas -------------------------------------
 for kube in "${KUBE_VERSIONS[@]}"; do
@@ -218,7 +236,7 @@ import base64, os, re, sys, tempfile
 import jsonschema
 import yaml
 
-from service.settings import ConfigError, load_settings
+from service.settings import ConfigError, Settings, load_settings
 
 work = sys.argv[1]
 failures: list[str] = []
@@ -353,7 +371,7 @@ def posture(docs: list[dict], name: str) -> None:
                 check("dev-only" not in value and "placeholder" not in value, f"{name}: secret in ConfigMap {key}")
 
 
-def expect_ok(name: str) -> None:
+def expect_ok(name: str) -> Settings | None:
     docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{name}.yaml"))) if d]
     posture(docs, name)
     for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
@@ -367,16 +385,33 @@ def expect_ok(name: str) -> None:
         settings = load_settings(env)
     except ConfigError as exc:
         failures.append(f"{name}: rendered config rejected by load_settings: {exc.problems}")
-        return
+        return None
     print(
         f"{name}: load_settings OK: {len(settings.issuers)} issuer(s), redis "
         f"{'cluster' if settings.redis.cluster else 'sentinel' if settings.redis.sentinels else settings.redis.url}, "
         f"policies {sorted(p.name for p in settings.rate_limits.values() if p.shadow)} in shadow"
     )
+    return settings
 
 
 expect_ok("full-values")
 expect_ok("cluster-existing-secret-values")
+sentinel = expect_ok("sentinel-password-values")
+# The primary's password and database travel in REDIS_URL; without it every command is refused (NOAUTH).
+check(
+    sentinel is not None
+    and bool(sentinel.redis.sentinels)
+    and sentinel.redis.url == "redis://:ci-primary-password@ignored-host/2",
+    "sentinel-password-values: REDIS_URL (primary password, database) does not reach the gateway",
+)
+# With /metrics on the http port, Prometheus must be admitted there by the NetworkPolicy.
+docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "sentinel-password-values.yaml"))) if d]
+policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+http_peers = [peer for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])]
+check(
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in http_peers,
+    "sentinel-password-values: metrics.port 0 but the NetworkPolicy keeps Prometheus off the http port",
+)
 
 # Defaults alone are not a working configuration: the init container must refuse them, naming why.
 docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "default.yaml"))) if d]

@@ -17,13 +17,15 @@ env:
         name: {{ $secretName }}
         key: JWT_HS256_SECRET
         optional: true
-  {{- if and (has .Values.redis.mode (list "url" "cluster")) (or $existing .Values.redis.url) }}
+  {{- if and (ne .Values.redis.mode "none") (or $existing .Values.redis.url) }}
+  # url and cluster modes need it (a missing key stops the pod rather than leaving each replica with its own
+  # limits and ledger); with Sentinel it carries only the primary's password, database and TLS, if any.
   - name: REDIS_URL
     valueFrom:
       secretKeyRef:
         name: {{ $secretName }}
         key: REDIS_URL
-        optional: {{ if and $existing (eq .Values.redis.mode "url") }}true{{ else }}false{{ end }}
+        optional: {{ if eq .Values.redis.mode "sentinel" }}true{{ else }}false{{ end }}
   {{- end }}
   {{- range (include "convai-gateway.extraSecretKeys" . | fromJsonArray) }}
   - name: {{ . }}
