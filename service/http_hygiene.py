@@ -39,6 +39,12 @@ _RAW_SECURITY_HEADERS: Final = tuple(
     for name, value in _API_SECURITY_HEADERS
 )
 
+
+def security_header_pairs() -> tuple[tuple[bytes, bytes], ...]:
+    """Return the security headers every response carries, as raw (lower-case name, value) pairs."""
+    return tuple(pair for _, pair in _RAW_SECURITY_HEADERS)
+
+
 CORS_METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
 # X-On-Behalf-Of is deliberately absent: acting for a user is for server-side gateways, never browsers.
 CORS_REQUEST_HEADERS: Final = ("Authorization", "Content-Type", "X-Request-ID")

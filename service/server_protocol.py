@@ -19,23 +19,33 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
+from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.errors import problem_response
+from service.http_hygiene import security_header_pairs
 from service.settings import load_settings
 
 logger = logging.getLogger("service.server")
 
-_REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest headers too slow\r\n"
-)
-_HEADERS_TOO_LARGE_RESPONSE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest headers too large\r\n"
-)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 100
+# Per header line, what on_header's name and value leave out: ": " and CRLF.
+_HEADER_LINE_OVERHEAD = 4
+
+
+def connection_refusal(status: int, code: str, title: str, detail: str) -> bytes:
+    """Return a whole HTTP/1.1 problem response that closes the connection, for answers below the app."""
+    # The same problem body, request id and security headers as the app's own errors: a client or a log
+    # pipeline never meets a second error format.
+    response = problem_response(
+        status, code, title, detail, headers={"Connection": "close", "X-Request-ID": uuid.uuid4().hex}
+    )
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode("ascii")]
+    head += [name + b": " + value for name, value in (*response.raw_headers, *security_header_pairs())]
+    return b"\r\n".join(head) + b"\r\n\r\n" + bytes(response.body)
 
 
 @functools.cache
@@ -56,6 +66,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _in_header_block = True  # from the connection's first byte (or a request's end) to its headers' end
     _header_bytes = 0
     _header_count = 0
+    _parsed_header_bytes = 0  # request line and header lines as parsed: exact
     _refusal: bytes | None = None  # a 408 or 431 held back until the response in progress ends
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -85,13 +96,21 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_header_block = True
         self._header_count = 0
+        self._parsed_header_bytes = 0
         if self._header_deadline is None:
             self._arm_header_deadline()
 
+    def on_url(self, url: bytes) -> None:
+        """Collect the request target (in fragments), counting it against the header block's size."""
+        self._parsed_header_bytes += len(url)
+        if self._parsed_header_bytes <= MAX_HEADER_BYTES:
+            super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Keep one header line, unless there are too many already (then keep none, refused below)."""
+        """Keep one header line, unless the block has too many or too large ones (then refused below)."""
         self._header_count += 1
-        if self._header_count <= MAX_HEADER_COUNT:
+        self._parsed_header_bytes += len(name) + len(value) + _HEADER_LINE_OVERHEAD
+        if self._header_count <= MAX_HEADER_COUNT and self._parsed_header_bytes <= MAX_HEADER_BYTES:
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
@@ -99,7 +118,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         self._in_header_block = False
         self._header_bytes = 0
-        if self._header_count > MAX_HEADER_COUNT:
+        if self._header_count > MAX_HEADER_COUNT or self._parsed_header_bytes > MAX_HEADER_BYTES:
             self._refuse_headers()
             return
         super().on_headers_complete()
@@ -124,14 +143,25 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._header_deadline.cancel()
             self._header_deadline = None
 
+    def send_400_response(self, msg: str) -> None:
+        """Answer a request httptools cannot parse with a 400 problem and close (uvicorn's is plain text)."""
+        self.transport.write(
+            connection_refusal(400, "bad_request", "Bad request", "the request is not valid HTTP/1.1")
+        )
+        self.transport.close()
+
     def _refuse_headers(self) -> None:
         logger.info("closing a connection whose request headers were too large (431)")
-        self._refuse(_HEADERS_TOO_LARGE_RESPONSE)
+        detail = f"request line and headers must fit in {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} lines"
+        self._refuse(
+            connection_refusal(431, "request_headers_too_large", "Request header fields too large", detail)
+        )
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
         logger.info("closing a connection whose request headers did not arrive in time (408)")
-        self._refuse(_REQUEST_TIMEOUT_RESPONSE)
+        detail = f"the request headers were not received within {configured_header_timeout():g} s"
+        self._refuse(connection_refusal(408, "request_timeout", "Request timeout", detail))
 
     def _refuse(self, response: bytes) -> None:
         self._cancel_header_deadline()

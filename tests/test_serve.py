@@ -197,7 +197,7 @@ def test_request_headers_that_never_complete_get_408_and_the_connection_closed(s
         started = time.monotonic()
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
-    assert b"Connection: close" in answer
+    assert_connection_problem(answer, "request_timeout")
     # REQUEST_HEADER_TIMEOUT_SECONDS=1 here; the socket's own timeout (10 s) would have raised instead.
     assert time.monotonic() - started < 10
 
@@ -234,6 +234,40 @@ def test_oversized_header_block_gets_431_and_the_connection_closed(served: Serve
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Pad: " + b"a" * (MAX_HEADER_BYTES + 1024))
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:100]
+    assert_connection_problem(answer, "request_headers_too_large")
+
+
+def test_header_block_limit_holds_when_it_arrives_in_one_read(served: Served) -> None:
+    # Counted as parsed, not per read: a block just over the limit sent whole is refused too.
+    with _connect(served) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Pad: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n"
+        )
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+def test_unparsable_request_gets_a_400_problem(served: Served) -> None:
+    with _connect(served) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost gateway\r\n\r\n")  # a header line without a colon
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:100]
+    assert_connection_problem(answer, "bad_request")
+
+
+def assert_connection_problem(answer: bytes, code: str) -> None:
+    """Check a refusal written below the app has the app's error shape: problem body, id, headers, close."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    }
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert headers[b"connection"] == b"close"
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"x-content-type-options"] == b"nosniff"
+    assert len(headers[b"x-request-id"]) == 32
+    assert json.loads(body)["code"] == code
 
 
 def test_too_many_header_lines_get_431(served: Served) -> None:
