@@ -181,6 +181,17 @@ async def test_unexpected_errors_carry_cors_headers_for_allowed_origins(make_gat
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
 
 
+async def test_wrong_method_is_a_405_problem_naming_every_method_of_the_path(gateway: Gateway) -> None:
+    headers = gateway.headers("alice")
+    conversation = await gateway.client.put("/v1/convai/conversations/conv_1", headers=headers)
+    assert conversation.status_code == 405
+    assert conversation.json()["code"] == "method_not_allowed"
+    # Two routes serve this path (details and delete): the Allow header names both.
+    assert conversation.headers["allow"] == "DELETE, GET, HEAD"
+    mint = await gateway.client.post("/v1/convai/conversation/get-signed-url", headers=headers)
+    assert (mint.status_code, mint.headers["allow"]) == (405, "GET, HEAD")
+
+
 async def test_security_headers_and_request_id_on_every_response(gateway: Gateway) -> None:
     for path in ("/healthz", "/nope", "/v1/convai/conversations"):
         response = await gateway.client.get(path)
