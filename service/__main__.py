@@ -257,9 +257,14 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     from service.emulator import create_emulator_app
 
-    api_key = os.environ.get("ELEVENLABS_API_KEY") or os.environ.get("EMULATOR_API_KEY")
+    api_key = os.environ.get("ELEVENLABS_API_KEY", "").strip()
     if not api_key:
-        return _fail("emulator: set ELEVENLABS_API_KEY (the key the emulator will accept)")
+        # `emulator --port N` works in a clean environment (DESIGN section 8): a fresh dev-only key, shown once
+        # so a gateway or curl can be pointed at it. It is the emulator's, never a workspace key.
+        api_key = "xi-emulator-" + secrets.token_hex(16)
+        print(
+            f"emulator: accepting xi-api-key {api_key} (set ELEVENLABS_API_KEY to choose the key)", flush=True
+        )
     app = create_emulator_app(api_key, seed=not args.empty)
     uvicorn.run(app, host=args.host, port=args.port, server_header=False, ws="websockets-sansio")
     return 0

@@ -6,9 +6,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -149,6 +151,39 @@ def test_check_config_lists_wrongly_typed_issuer_values_and_exits_2(tmp_path: Pa
         "issuers[1].public_key_file",
     ):
         assert f"GATEWAY_CONFIG: {key}: must be" in result.stderr, result.stderr
+
+
+def test_emulator_runs_in_a_clean_environment_and_names_its_key() -> None:
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "emulator", "--port", str(port)],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()  # printed before the server starts
+        match = re.search(r"accepting xi-api-key (xi-emulator-[0-9a-f]{32})", banner)
+        assert match, banner
+        url = f"http://127.0.0.1:{port}/v1/convai/conversations"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with_key = httpx.get(url, headers={"xi-api-key": match.group(1)}, timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "emulator never listened"
+                time.sleep(0.05)  # polling a child process's start-up
+        assert with_key.status_code == 200
+        assert httpx.get(url, headers={"xi-api-key": "xi-wrong"}, timeout=2).status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 @pytest.fixture
