@@ -228,14 +228,22 @@ class _Reader:
             return None
 
 
-def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -> bool:
-    # The URL itself is never echoed: it may carry a password (redis://:secret@host), and problems are
-    # printed by check-config and serve, i.e. into init-container and pod logs.
-    wanted = f"must be a URL with scheme {'/'.join(schemes)}"
+def _split_url(url: str) -> SplitResult | None:
+    """Return the parts of `url`, or None when it does not parse (an unclosed IPv6 bracket, a bad port)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsing the port is part of the check
     except ValueError:
+        return None
+    return parts
+
+
+def _check_url(reader: _Reader, name: str, url: str, schemes: tuple[str, ...]) -> bool:
+    # The URL itself is never echoed: it may carry a password (redis://:secret@host), and problems are
+    # printed by check-config and serve, i.e. into init-container and pod logs.
+    wanted = f"must be a URL with scheme {'/'.join(schemes)}"
+    parts = _split_url(url)
+    if parts is None:
         reader.problems.append(f"{name}: {wanted}; it does not parse as a URL")
         return False
     if parts.scheme not in schemes:
@@ -251,11 +259,7 @@ def _egress_proxy(reader: _Reader) -> Secret | None:
     value = reader.raw("EGRESS_PROXY_URL")
     if value is None:
         return None
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        parts = None
+    parts = _split_url(value)
     if (
         parts is None
         or parts.scheme != "http"
@@ -317,47 +321,47 @@ def _jwks_url(reader: _Reader, name: str, value: Any) -> str | None:
     return value
 
 
-def _public_key(reader: _Reader, name: str, path: Any) -> str | None:
+def _public_key(reader: _Reader, name: str, path: Any) -> tuple[str | None, str | None]:
+    """Return a usable PEM public key file's text and key family (service.jwks.key_family), or two Nones."""
     if path is None:
-        return None
+        return None, None
     if not isinstance(path, str):
         reader.problems.append(f"{name}: must be a file path string")
-        return None
+        return None, None
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         reader.problems.append(f"{name}: cannot read {path!r}: {exc.strerror}")
-        return None
+        return None, None
     except UnicodeDecodeError:
         text = ""  # a DER or other binary file: reported below like any other non-PEM
     if "-----BEGIN PUBLIC KEY-----" not in text:
         reader.problems.append(f"{name}: {path!r} is not a PEM public key (BEGIN PUBLIC KEY)")
-        return None
-    problem = _public_key_problem(text)
-    if problem is not None:
-        reader.problems.append(f"{name}: {path!r} {problem}")
-        return None
-    return text
-
-
-def _public_key_problem(pem: str) -> str | None:
+        return None, None
     # Imported here, not at the top: service.jwks imports this module. The same parse and key_family rule
     # as the authenticator's (service.auth._pem_key), so a key check-config accepts never crashes serve.
     from service.jwks import MIN_RSA_BITS, key_family
 
     try:
-        key = load_pem_public_key(pem.encode())
+        key = load_pem_public_key(text.encode())
     except (ValueError, UnsupportedAlgorithm):
-        return "is not a valid PEM public key (the key inside does not parse)"
-    if key_family(key) is not None:
-        return None
+        reader.problems.append(
+            f"{name}: {path!r} is not a valid PEM public key (the key inside does not parse)"
+        )
+        return None, None
+    family = key_family(key)
+    if family is not None:
+        return text, family
     if isinstance(key, rsa.RSAPublicKey):
         found = f"RSA {key.key_size} bits"
     elif isinstance(key, ec.EllipticCurvePublicKey):
         found = f"EC {key.curve.name}"
     else:
         found = "an unsupported key type"
-    return f"holds {found}; use RSA >= {MIN_RSA_BITS} bits, EC P-256/P-384 or Ed25519"
+    reader.problems.append(
+        f"{name}: {path!r} holds {found}; use RSA >= {MIN_RSA_BITS} bits, EC P-256/P-384 or Ed25519"
+    )
+    return None, None
 
 
 # The algorithm a PEM key verifies by default, per key family (service.jwks.key_family's names).
@@ -370,21 +374,11 @@ _PEM_DEFAULT_ALGORITHM: Mapping[str, str] = {
 _JWKS_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")  # DESIGN section 2
 
 
-def _pem_family(pem: str | None) -> str | None:
-    """Return the key family of a PEM `_public_key` already accepted (None without one)."""
-    if pem is None:
-        return None
-    from service.jwks import key_family  # see _public_key_problem
-
-    return key_family(load_pem_public_key(pem.encode()))
-
-
 def _algorithms(
-    reader: _Reader, name: str, value: Any, *, has_hs: bool, has_jwks: bool, pem: str | None
+    reader: _Reader, name: str, value: Any, *, has_hs: bool, has_jwks: bool, pem_family: str | None
 ) -> tuple[str, ...]:
-    from service.jwks import ALGORITHM_FAMILIES  # see _public_key_problem
+    from service.jwks import ALGORITHM_FAMILIES  # see _public_key
 
-    family = _pem_family(pem)
     if value is None:
         algs: list[str] = []
         if has_hs:
@@ -392,23 +386,27 @@ def _algorithms(
         if has_jwks:
             algs.extend(_JWKS_DEFAULT_ALGORITHMS)
         # The PEM key's own algorithm: a P-384 key verifies only ES384, which the JWKS defaults leave out.
-        if family is not None and _PEM_DEFAULT_ALGORITHM[family] not in algs:
-            algs.append(_PEM_DEFAULT_ALGORITHM[family])
+        if pem_family is not None and _PEM_DEFAULT_ALGORITHM[pem_family] not in algs:
+            algs.append(_PEM_DEFAULT_ALGORITHM[pem_family])
         return tuple(algs)
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         reader.problems.append(f"{name}: must be a list of algorithm names")
         return ()
-    allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_jwks or pem else ())
+    allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_jwks or pem_family else ())
     bad = [a for a in value if a not in allowed]
     if bad:
         reader.problems.append(
             f"{name}: {', '.join(bad)} not allowed for the keys configured (allowed: {', '.join(allowed)})"
         )
-    if family is not None and not has_jwks and not any(ALGORITHM_FAMILIES.get(a) == family for a in value):
+    if (
+        pem_family is not None
+        and not has_jwks
+        and not any(ALGORITHM_FAMILIES.get(a) == pem_family for a in value)
+    ):
         # Fail closed would still be the result, but silently: every token of this issuer refused.
         reader.problems.append(
-            f"{name}: none of {', '.join(value) or 'them'} verifies with the {family} public key "
-            f"(its algorithm: {_PEM_DEFAULT_ALGORITHM[family]})"
+            f"{name}: none of {', '.join(value) or 'them'} verifies with the {pem_family} public key "
+            f"(its algorithm: {_PEM_DEFAULT_ALGORITHM[pem_family]})"
         )
     return tuple(a for a in value if a in allowed)
 
@@ -458,14 +456,19 @@ def _check_issuer_names(reader: _Reader, issuers: list[tuple[str, IssuerConfig]]
 def _env_issuer(reader: _Reader) -> IssuerConfig | None:
     secret = _hs256_secret(reader, "JWT_HS256_SECRET", reader.raw("JWT_HS256_SECRET"))
     jwks = _jwks_url(reader, "JWT_JWKS_URL", reader.raw("JWT_JWKS_URL"))
-    pem = _public_key(reader, "JWT_PUBLIC_KEY_FILE", reader.raw("JWT_PUBLIC_KEY_FILE"))
+    pem, pem_family = _public_key(reader, "JWT_PUBLIC_KEY_FILE", reader.raw("JWT_PUBLIC_KEY_FILE"))
     if secret is None and jwks is None and pem is None:
         return None
     return IssuerConfig(
         issuer=reader.raw("JWT_ISSUER"),
         audiences=_audiences(reader, "JWT_AUDIENCE", reader.raw("JWT_AUDIENCE")),
         algorithms=_algorithms(
-            reader, "JWT_ALGORITHMS", None, has_hs=secret is not None, has_jwks=jwks is not None, pem=pem
+            reader,
+            "JWT_ALGORITHMS",
+            None,
+            has_hs=secret is not None,
+            has_jwks=jwks is not None,
+            pem_family=pem_family,
         ),
         hs256_secret=secret,
         jwks_url=jwks,
@@ -511,7 +514,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
                 reader.problems.append(f"{where}.hs256_secret_env: variable {secret_env} is not set")
             secret = _hs256_secret(reader, secret_env, value)
         jwks = _jwks_url(reader, f"{where}.jwks_url", entry.get("jwks_url"))
-        pem = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
+        pem, pem_family = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
         audiences = _audiences(reader, f"{where}.audiences", entry.get("audiences"))
         if not {"hs256_secret_env", "jwks_url", "public_key_file"} & set(entry):
             reader.problems.append(f"{where}: needs hs256_secret_env, jwks_url or public_key_file")
@@ -524,7 +527,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             entry.get("algorithms"),
             has_hs=secret is not None,
             has_jwks=jwks is not None,
-            pem=pem,
+            pem_family=pem_family,
         )
         if not named:
             continue  # already reported; leaving it out keeps the issuer-name checks from repeating it
@@ -633,10 +636,7 @@ def _cors_origins(reader: _Reader) -> tuple[str, ...]:
         if origin == "*":
             reader.problems.append("CORS_ALLOWED_ORIGINS: '*' is not allowed; list the exact origins")
             continue
-        try:
-            parts: SplitResult | None = urlsplit(origin)
-        except ValueError:  # e.g. an unclosed IPv6 bracket
-            parts = None
+        parts = _split_url(origin)
         if (
             parts is None
             or parts.scheme not in ("http", "https")
