@@ -280,10 +280,19 @@ def _allowed_methods(request: Request) -> list[str]:
     # Starlette's 405 names only the methods of the first route matching the path; a path served by several
     # routes (a conversation's GET and DELETE) must name them all.
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= route.methods or set()
+    for route in routes_matching_path(request.scope):
+        methods |= route.methods or set()
     return sorted(methods)
+
+
+def routes_matching_path(scope: Scope) -> list[Route]:
+    """Return the app's routes whose path matches the request's, whatever their methods."""
+    router = getattr(scope.get("app"), "router", None)
+    return [
+        route
+        for route in getattr(router, "routes", ())
+        if isinstance(route, Route) and route.matches(scope)[0] is not Match.NONE
+    ]
 
 
 async def _unhandled_error_handler(request: Request, exc: Exception) -> Response:

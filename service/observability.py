@@ -41,10 +41,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.client_ip import client_ip
+from service.errors import routes_matching_path
 from service.settings import IPNetwork
 
 ACCESS_LOGGER: Final = "convai_gateway.access"
@@ -494,18 +494,9 @@ def _route_template(scope: Scope) -> str:
         # Answered before the router ran (401, 403 and auth-failure 429 from the authentication middleware,
         # a 413 on Content-Length): the route is the one the path would have reached, so auth failures stay
         # visible per route instead of mixing with unknown paths.
-        route = _route_for_path(scope)
+        route = next(iter(routes_matching_path(scope)), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) and path else "unmatched"
-
-
-def _route_for_path(scope: Scope) -> BaseRoute | None:
-    app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", ()):
-        if isinstance(route, BaseRoute) and route.matches(scope)[0] is not Match.NONE:
-            return route
-    return None
 
 
 def _client_ip(scope: Scope, state: Mapping[str, Any]) -> str | None:
