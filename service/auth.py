@@ -358,8 +358,14 @@ def _b64decode(segment: str) -> bytes:
 
 
 def _json_object(segment: str) -> dict[str, Any]:
+    decoded = _b64decode(segment)
+    # JWT libraries write compact JSON, so a header or claim set starts with `{"` and its segment with "eyJ":
+    # the shape by which the log masking recognises a token that strays into a line (a query string, say).
+    # Whitespace there is legal JSON, and would let a valid token through unmasked.
+    if not decoded.startswith(b'{"'):
+        raise AuthenticationFailed("malformed token")
     try:
-        value = json.loads(_b64decode(segment), parse_constant=_reject_constant)
+        value = json.loads(decoded, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise AuthenticationFailed("malformed token") from exc
     if not isinstance(value, dict):

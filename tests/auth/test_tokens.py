@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from typing import Any
 
 import pytest
@@ -214,6 +215,34 @@ def _valid_parts() -> tuple[str, str, str]:
 async def test_malformed_segments_are_rejected(clock: FakeClock, token: str) -> None:
     async with started(settings_for(hs_issuer()), clock) as auth:
         assert await rejection(auth, token) == "malformed token"
+
+
+def _hs256_signed(header_json: bytes, payload_json: bytes) -> str:
+    """Sign raw header and payload JSON bytes with HS256 (PyJWT always writes compact JSON)."""
+    signing_input = f"{b64(header_json)}.{b64(payload_json)}"
+    signature = hmac.new(HS_SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+@pytest.mark.parametrize(
+    ("header_json", "payload_json"),
+    [
+        (b' {"alg":"HS256","typ":"JWT"}', json.dumps(claims()).encode()),
+        (b'{"alg":"HS256","typ":"JWT"}', b"\n" + json.dumps(claims()).encode()),
+        (b'{ "alg":"HS256"}', json.dumps(claims()).encode()),
+    ],
+)
+async def test_correctly_signed_json_with_leading_whitespace_is_rejected(
+    clock: FakeClock, header_json: bytes, payload_json: bytes
+) -> None:
+    # Legal JSON, but no JWT library writes it: its segments would not start with "eyJ", the shape by which
+    # logs recognise and mask a token that strays into them (a query string, say).
+    token = _hs256_signed(header_json, payload_json)
+    assert not all(part.startswith("eyJ") for part in token.split(".")[:2])
+    async with started(settings_for(hs_issuer()), clock) as auth:
+        assert await rejection(auth, token) == "malformed token"
+        compact = _hs256_signed(header_json.replace(b" ", b""), payload_json.strip())
+        assert (await auth.authenticate("Bearer " + compact)).user_id == "user-1"
 
 
 async def test_non_canonical_base64_is_rejected(clock: FakeClock) -> None:
