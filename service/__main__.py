@@ -75,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.graceful_timeout,
         timeout_keep_alive=5,
         http=HeaderDeadlineProtocol,  # uvicorn's httptools protocol with a request-header deadline
+        # The gateway serves no WebSocket: with uvicorn's WebSocket protocol on, an upgrade request skipped the
+        # app's access log and uvicorn logged its raw path and query, tokens included. Now it is a plain request.
+        ws="none",
     )
     return 0
 
@@ -217,6 +220,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 log_config=None,
                 access_log=False,
                 server_header=False,
+                ws="none",  # as in `serve`: the gateway serves no WebSocket
             )
         ),
     ]

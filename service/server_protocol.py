@@ -69,6 +69,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _parsed_header_bytes = 0  # request line and header lines as parsed: exact
     _refusal: bytes | None = None  # a 408 or 431 held back until the response in progress ends
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # `serve` runs without WebSocket support, so an upgrade request is answered as the plain request it
+        # also is (401, 404...) and logged by the app. uvicorn would add two warnings per such request, one
+        # advising to install a WebSocket library: log noise any client could produce at will.
+        return
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept the connection and start the clock for its first request's headers."""
         super().connection_made(transport)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -295,3 +296,25 @@ def test_answer_before_the_body_closes_the_connection(served: Served, length: in
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:100]
     assert b"\r\nconnection: close\r\n" in answer.lower()
+
+
+def test_websocket_upgrades_are_answered_as_http_and_their_query_is_never_logged(served: Served) -> None:
+    # The gateway serves no WebSocket. With uvicorn's WebSocket protocol on, an upgrade bypassed the app's
+    # access log and uvicorn logged its raw path and query ("WebSocket /path?token=..." 403) at INFO; a token
+    # of no known shape (a WebRTC token) went out unmasked.
+    opaque = "opaque-" + secrets.token_hex(16)
+    with _connect(served) as sock:
+        sock.sendall(
+            b"GET /v1/convai/conversations?token=%s HTTP/1.1\r\nHost: gateway\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % opaque.encode()
+        )
+        answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    assert served.stop() == 0
+    log = served.log_path.read_text()
+    assert opaque not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    access = [(line["route"], line["status"]) for line in lines if line["logger"] == "convai_gateway.access"]
+    assert access[-1] == ("/v1/convai/conversations", 401)
+    assert [line["msg"] for line in lines if line["level"] == "WARNING"] == []
