@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import __version__
-from service.settings import ConfigError, Settings, load_settings
+from service.settings import ConfigError, Settings, load_settings, safe_url
 
 EXIT_CONFIG = 2
 DEV_AGENT_ID = "agent_demo"
@@ -80,6 +80,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ws="none",
     )
     return 0
+
+
+def _redis_description(settings: Settings) -> str:
+    """Describe the configured Redis for a banner: its URL without credentials, or its Sentinels."""
+    topology = settings.redis
+    if topology.sentinels:
+        hosts = ",".join(f"{host}:{port}" for host, port in topology.sentinels)
+        return f"Sentinel service {topology.sentinel_service} via {hosts}"
+    if topology.url:
+        return safe_url(topology.url) + (" (cluster)" if topology.cluster else "")
+    return "none (in-process limiter and ledger)"
 
 
 def _dev_environment(port: int, emulator_port: int) -> dict[str, str]:
@@ -226,7 +237,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
     banner = f"""
 convai-gateway {__version__} (dev) on {base}, upstream emulator on http://127.0.0.1:{args.emulator_port}
-Redis: {"REDIS_URL=" + (settings.redis_url or "") if settings.redis.configured else "none (in-process limiter and ledger)"}
+Redis: {_redis_description(settings)}
 
 Dev token for user {DEV_USER!r} (12 h, scopes convai:session convai:history convai:delete):
 
@@ -322,7 +333,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         redis = "standalone"
     print(
         "configuration OK: "
-        f"upstream {settings.elevenlabs_base_url}, {len(settings.issuers)} token issuer(s), "
+        f"upstream {safe_url(settings.elevenlabs_base_url)}, {len(settings.issuers)} token issuer(s), "
         f"{len(settings.allowed_agent_ids)} allowed agent(s), redis {redis}, ownership {settings.ownership_mode}"
     )
     return 0

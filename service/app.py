@@ -139,8 +139,11 @@ def _mask_configured_secrets(settings: Settings) -> None:
     for issuer in settings.issuers:
         if issuer.hs256_secret is not None:
             mask_known_secret(issuer.hs256_secret.reveal())
-    if settings.egress_proxy_url is not None:
-        password = urlsplit(settings.egress_proxy_url.reveal()).password
+    for url in (
+        settings.egress_proxy_url.reveal() if settings.egress_proxy_url else None,
+        settings.redis.url,
+    ):
+        password = urlsplit(url).password if url else None
         if password:
             mask_known_secret(unquote(password))
             mask_known_secret(password)

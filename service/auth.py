@@ -36,9 +36,9 @@ from service.errors import (
     MissingScope,
     error_response,
 )
-from service.jwks import ALGORITHM_FAMILIES, JwksCache, VerificationKey, key_family, safe_url
+from service.jwks import ALGORITHM_FAMILIES, JwksCache, VerificationKey, key_family
 from service.observability import audit
-from service.settings import IssuerConfig, Settings
+from service.settings import IssuerConfig, Settings, safe_url
 
 logger = logging.getLogger("service.auth")
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -25,7 +25,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import PyJWTError
 
 from service.errors import ServiceUnavailable
-from service.settings import Secret, is_loopback_host, netloc_without_credentials
+from service.settings import Secret, is_loopback_host, safe_url
 
 logger = logging.getLogger("service.jwks")
 
@@ -85,12 +85,6 @@ def key_family(key: Any) -> str | None:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return "OKP:Ed25519"
     return None
-
-
-def safe_url(url: str) -> str:
-    """Return `url` without query, fragment or credentials, for logs and readiness details."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, netloc_without_credentials(parts), parts.path, "", ""))
 
 
 def ttl_from_cache_control(header: str | None) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -282,6 +282,12 @@ def netloc_without_credentials(parts: SplitResult) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return netloc
+
+
+def safe_url(url: str) -> str:
+    """Return `url` without query, fragment or credentials, for logs, banners and readiness details."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, netloc_without_credentials(parts), parts.path, "", ""))
 
 
 def is_loopback_host(host: str | None) -> bool:

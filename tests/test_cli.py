@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from service.auth import Authenticator
 from service.settings import load_settings
 from tests.auth.support import public_pem
 from tests.support.dev_command import running_dev_command
-from tests.support.servers import free_port
+from tests.support.servers import RedisServer, free_port
 
 SECRET = "cli-secret-0123456789abcdef0123456789abcdef"
 VALID_ENV = {
@@ -50,6 +52,15 @@ def test_check_config_accepts_a_valid_environment() -> None:
     result = run_cli("check-config", env=VALID_ENV)
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
+
+
+def test_check_config_names_the_upstream_without_credentials_or_query() -> None:
+    base_url = "https://gateway:upstream-pass-5a4b3c2d1e@api.elevenlabs.io/?sig=query-secret-77"
+    result = run_cli("check-config", env={**VALID_ENV, "ELEVENLABS_BASE_URL": base_url})
+    assert result.returncode == 0, result.stderr
+    assert "upstream https://api.elevenlabs.io/," in result.stdout
+    assert "upstream-pass" not in result.stdout + result.stderr
+    assert "query-secret" not in result.stdout + result.stderr
 
 
 def test_check_config_lists_every_problem_and_exits_2() -> None:
@@ -211,3 +222,19 @@ def test_dev_prints_a_token_and_three_curl_lines_that_work(
         assert status == "200", (curl, result.stdout, result.stderr)
     assert process.poll() is None
     assert re.search(r"signed_url|conversations|token", " ".join(lines)) is not None
+
+
+def test_dev_names_its_redis_without_the_password() -> None:
+    password = "redis-pass-" + secrets.token_hex(8)
+    server = RedisServer()
+    server.start()
+    try:
+        with contextlib.closing(server.client()) as client:
+            client.config_set("requirepass", password)
+        url = f"redis://:{password}@127.0.0.1:{server.port}/0"
+        with running_dev_command({"REDIS_URL": url}) as dev:
+            banner = "\n".join(dev.lines)
+    finally:
+        server.close()
+    assert f"Redis: redis://127.0.0.1:{server.port}/0" in banner, banner
+    assert password not in banner

@@ -221,10 +221,13 @@ def test_configured_secrets_are_masked_wherever_they_appear(
             "ALLOWED_AGENT_IDS": "agent_demo",
             "JWT_HS256_SECRET": hs_secret,
             "EGRESS_PROXY_URL": "http://proxy-user:proxy%2Fpass123@127.0.0.1:3128",
+            "REDIS_URL": "redis://:redis%40pass456@127.0.0.1:1/0",
         }
     )
     create_app(settings)
-    logging.getLogger("convai_gateway.test").warning("odd: %s %s %s", bare_key, hs_secret, "proxy/pass123")
+    logging.getLogger("convai_gateway.test").warning(
+        "odd: %s %s %s %s", bare_key, hs_secret, "proxy/pass123", "redis@pass456"
+    )
     (line,) = read_lines(capsys)
-    for secret in (bare_key, hs_secret, "proxy/pass123", "proxy%2Fpass123"):
+    for secret in (bare_key, hs_secret, "proxy/pass123", "proxy%2Fpass123", "redis@pass456"):
         assert secret not in json.dumps(line)

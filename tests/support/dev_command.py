@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from tests.support.servers import free_port
@@ -25,13 +25,13 @@ class DevCommand:
 
 
 @contextlib.contextmanager
-def running_dev_command() -> Iterator[DevCommand]:
-    """Start `python -m service dev`, wait for its banner (printed once both servers listen), stop it after."""
+def running_dev_command(env: Mapping[str, str] | None = None) -> Iterator[DevCommand]:
+    """Start `python -m service dev` (with `env` added), wait for its banner, stop it after."""
     port, emulator_port = free_port(), free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES)}
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "dev", "--port", str(port), "--emulator-port", str(emulator_port)],
-        env={**clean, "LOG_LEVEL": "WARNING"},
+        env={**clean, "LOG_LEVEL": "WARNING", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
