@@ -392,6 +392,8 @@ class UpstreamClient:
         self._clock = clock
         self._wall_clock = wall_clock
         self._base: tuple[httpx.URL, str] | None = None
+        key = http.headers.get("xi-api-key")
+        self._api_key = key.encode() if key else None
 
     # --- endpoints ---
 
@@ -463,6 +465,10 @@ class UpstreamClient:
             # Feedback and delete are documented as "any JSON"; an empty body carries no shape to check.
             self._record(endpoint, "ok", self._clock() - started)
             return None
+        if self._api_key is not None and self._api_key in response.content:
+            # An upstream or an intermediary echoing the request's headers: routes pass unknown fields through,
+            # so the key would reach the caller.
+            self._malformed(endpoint, self._clock() - started)
         try:
             body = _parse_json(response.content)
         except (ValueError, RecursionError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -90,3 +91,19 @@ async def test_a_reason_phrase_that_is_not_utf8_is_ignored() -> None:
     async with raw_upstream(answering(PAGE, status=b"200 D\xe9j\xe0 vu")) as url, harness(url) as h:
         page = await h.client.list_conversations([])
     assert page == {"conversations": [], "has_more": False}
+
+
+async def test_a_json_answer_echoing_the_api_key_is_refused() -> None:
+    # An upstream (or a debugging intermediary) that echoes request headers into a 2xx body: the list route
+    # passes unknown fields through, so the key would reach the caller.
+    async def echo_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            echoed = json.dumps({"conversations": [], "has_more": False, "debug": head.decode()})
+            writer.write(json_response(echoed.encode()))
+            await writer.drain()
+
+    async with raw_upstream(echo_headers) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.list_conversations([])
+    assert outcomes(h, "list") == ["malformed"]
