@@ -78,7 +78,16 @@ def _no_cookies() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
-def _httpx_error_for(original: BaseException, request: httpx.Request) -> httpx.TransportError:
+class NoResponse(httpx.RemoteProtocolError):
+    """The connection failed after the request was sent and before any byte of a response arrived."""
+
+    # What a pooled connection that upstream had just closed looks like; the request may also have been acted
+    # on, so only an idempotent GET may be sent again.
+
+
+def _httpx_error_for(
+    original: BaseException, request: httpx.Request, *, before_response: bool = False
+) -> httpx.TransportError:
     """Map an aiohttp failure onto the httpx class that names what actually went wrong."""
     # httpx-aiohttp maps nearly every aiohttp connection error (including read timeouts and a server that
     # hangs up) to httpx.ConnectTimeout, which would make reads look retryable and drops look like 504s.
@@ -89,6 +98,8 @@ def _httpx_error_for(original: BaseException, request: httpx.Request) -> httpx.T
         return httpx.ReadTimeout(message, request=request)
     if isinstance(original, aiohttp.ClientConnectorError):
         return httpx.ConnectError(message, request=request)
+    if before_response and isinstance(original, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return NoResponse(message, request=request)
     if isinstance(original, aiohttp.ServerDisconnectedError | aiohttp.ClientResponseError):
         return httpx.RemoteProtocolError(message, request=request)
     return httpx.ReadError(message, request=request)
@@ -146,9 +157,15 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=self._limits.keepalive_expiry or 15.0,
             ssl=self._inner.ssl_context,
         )
-        return aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, auto_decompress=False
         )
+        # aiohttp silently sends an idempotent request (GET, DELETE...) a second time when the connection drops
+        # before the status line. DESIGN 6 allows no retry of a DELETE: upstream may have acted on the first,
+        # and the second's 404 would tell the caller nothing was deleted. UpstreamClient retries GETs itself
+        # (`NoResponse`), within its retry count. No public switch exists (aiohttp 3.14); tested.
+        session._retry_connection = False
+        return session
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -196,7 +213,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
                 proxy_headers=self._proxy_headers,
             ).__aenter__()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _httpx_error_for(exc, request) from exc
+            raise _httpx_error_for(exc, request, before_response=True) from exc
         # No reason phrase: nothing reads it, and one with obs-text bytes (RFC 9112 allows them) would not
         # encode back to bytes.
         extensions = {"http_version": b"HTTP/1.1"}
@@ -329,6 +346,8 @@ def _transport_failure(exc: httpx.TransportError) -> _Failure:
         return _Failure(UpstreamTimeout("upstream did not answer in time"), "timeout", retryable=False)
     if isinstance(exc, httpx.ConnectError):
         return _Failure(UpstreamError("upstream is unreachable"), "connect_error", retryable=True)
+    if isinstance(exc, NoResponse):
+        return _Failure(UpstreamError("upstream connection failed"), "transport_error", retryable=True)
     return _Failure(UpstreamError("upstream connection failed"), "transport_error", retryable=False)
 
 

@@ -107,3 +107,48 @@ async def test_a_json_answer_echoing_the_api_key_is_refused() -> None:
         with pytest.raises(UpstreamError, match="malformed upstream response"):
             await h.client.list_conversations([])
     assert outcomes(h, "list") == ["malformed"]
+
+
+# --- a hang-up before the status line: the outcome is unknown ---------------------------------------------
+
+
+def hanging_up_first(requests: list[bytes], *, answer: bytes) -> Handler:
+    """Return a handler that records each request line, hangs up on the first request, answers the rest."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            requests.append((await read_request(reader)).split(b"\r\n", 1)[0])
+            if len(requests) == 1:
+                return  # the request may have been acted on; no status line ever comes
+            writer.write(json_response(answer))
+            await writer.drain()
+
+    return handler
+
+
+async def test_a_delete_is_sent_once_when_upstream_hangs_up_before_answering() -> None:
+    # DESIGN 6: no retry on POST/DELETE. aiohttp re-sent it on its own; the second DELETE then found the
+    # conversation gone and the caller was told 404 although upstream had deleted it.
+    requests: list[bytes] = []
+    async with raw_upstream(hanging_up_first(requests, answer=b"{}")) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="upstream connection failed"):
+            await h.client.delete_conversation("conv_1")
+    assert requests == [b"DELETE /v1/convai/conversations/conv_1 HTTP/1.1"]
+    assert outcomes(h, "delete") == ["transport_error"]
+
+
+async def test_a_get_is_retried_within_its_budget_when_upstream_hangs_up_before_answering() -> None:
+    requests: list[bytes] = []
+    async with raw_upstream(hanging_up_first(requests, answer=PAGE)) as url, harness(url) as h:
+        assert await h.client.list_conversations([]) == {"conversations": [], "has_more": False}
+    assert len(requests) == 2
+    assert outcomes(h, "list") == ["transport_error", "ok"]
+    assert len(h.sleeps) == 1  # one jittered back-off, as for any retried GET
+
+
+async def test_no_retry_beyond_the_configured_count_on_a_hang_up() -> None:
+    requests: list[bytes] = []
+    async with raw_upstream(hanging_up_first(requests, answer=PAGE)) as url, harness(url, max_retries=0) as h:
+        with pytest.raises(UpstreamError, match="upstream connection failed"):
+            await h.client.list_conversations([])
+    assert len(requests) == 1
