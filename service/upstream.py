@@ -24,6 +24,7 @@ import logging
 import math
 import random as _random
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NoReturn
@@ -50,10 +51,11 @@ logger = logging.getLogger("service.upstream")
 TransportKind = Literal["aiohttp", "httpx"]
 # Measured, not assumed: see tests/perf/transport_compare.py and the README's numbers.
 DEFAULT_TRANSPORT: TransportKind = "aiohttp"
-# A request extension asking `AiohttpUpstreamTransport` to read the response body before returning it, when
-# the response declares a length of at most EAGER_BODY_BYTES (every JSON answer); others still stream.
+# A request extension asking `AiohttpUpstreamTransport` to read the whole response body (decoded, at most
+# MAX_JSON_BODY_BYTES) before returning it, all within the connect + read timeouts: every JSON call.
 READ_WHOLE_BODY = "convai_gateway.read_whole_body"
-EAGER_BODY_BYTES = 1024 * 1024
+# A page of 100 conversations is ~30 KB, a long conversation's details a few hundred KB.
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 UPSTREAM_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=100, keepalive_expiry=30.0)
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
@@ -105,6 +107,62 @@ def _httpx_error_for(
     return httpx.ReadError(message, request=request)
 
 
+class UnreadableBody(httpx.DecodingError):
+    """A whole-read answer over its size limit, or in a content coding the gateway does not decode."""
+
+
+async def _read_whole(
+    response: aiohttp.ClientResponse, limit: int, request: httpx.Request
+) -> tuple[bytes, Sequence[tuple[bytes, bytes]]]:
+    """Read a response body, decoded, refusing one that is (or inflates to) more than `limit` bytes."""
+    length = response.content_length
+    if length is not None and length > limit:
+        raise UnreadableBody(f"body of {length} bytes is over the limit", request=request)
+    if length is not None:
+        raw = await response.read()  # the parser stops at Content-Length
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UnreadableBody("chunked body is over the limit", request=request)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+    coding = response.headers.get("Content-Encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return raw, response.raw_headers
+    # httpx would inflate it whole: a 100 KB gzip body of whitespace is 100 MB of valid JSON.
+    body = _inflate(raw, coding, limit, request)
+    skipped = (b"content-encoding", b"content-length")
+    return body, [(name, value) for name, value in response.raw_headers if name.lower() not in skipped]
+
+
+def _inflate(raw: bytes, coding: str, limit: int, request: httpx.Request) -> bytes:
+    """Decode a gzip or deflate body, stopping as soon as it would exceed `limit` bytes."""
+    if coding in ("gzip", "x-gzip"):
+        wbits = [zlib.MAX_WBITS | 16]
+    elif coding == "deflate":
+        wbits = [
+            zlib.MAX_WBITS,
+            -zlib.MAX_WBITS,
+        ]  # zlib-wrapped as RFC 9110 says, or raw as some servers send
+    else:
+        raise UnreadableBody(f"unsupported content coding {coding[:32]!r}", request=request)
+    for bits in wbits:
+        decoder = zlib.decompressobj(bits)
+        try:
+            body = decoder.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(body) > limit:
+            raise UnreadableBody("decoded body is over the limit", request=request)
+        if not decoder.eof:
+            break
+        return body
+    raise UnreadableBody(f"invalid {coding} body", request=request)
+
+
 def _aiohttp_cause(exc: BaseException) -> BaseException | None:
     cause = exc.__cause__ if isinstance(exc, httpx.TransportError) else exc
     if isinstance(cause, aiohttp.ClientError | TimeoutError):
@@ -138,9 +196,17 @@ class _AiohttpStream(httpx.AsyncByteStream):
 class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
     """httpx-aiohttp's transport with a cookieless session created inside the running loop."""
 
-    def __init__(self, limits: httpx.Limits = UPSTREAM_LIMITS, *, proxy: str | None = None) -> None:
-        """Use `limits` for the pool, and `proxy` (http://[user:password@]host:port) for every request."""
+    def __init__(
+        self,
+        limits: httpx.Limits = UPSTREAM_LIMITS,
+        *,
+        proxy: str | None = None,
+        max_body_bytes: int = MAX_JSON_BODY_BYTES,
+    ) -> None:
+        """Use `limits` for the pool, `proxy` (http://[user:password@]host:port) for every request, and
+        refuse whole-read bodies over `max_body_bytes` once decoded."""
         self._limits = limits
+        self._max_body_bytes = max_body_bytes
         self._proxy: str | None = None
         self._proxy_headers: dict[str, str] | None = None
         if proxy is not None:
@@ -183,6 +249,12 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         if not isinstance(session, aiohttp.ClientSession):
             session = inner.client = inner.get_client()
         timeout: Mapping[str, float | None] = request.extensions.get("timeout", {})
+        read_whole = bool(request.extensions.get(READ_WHOLE_BODY))
+        total: float | None = None
+        if read_whole and timeout.get("read") is not None:
+            # The read timeout bounds each socket read; an upstream sending a byte now and then would never
+            # meet it. A whole answer (status, headers, body) must arrive within connect + read.
+            total = (timeout.get("connect") or 0.0) + (timeout.get("read") or 0.0)
         data: bytes | httpx.AsyncByteStream | None
         try:
             data = request.content or None
@@ -204,6 +276,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
                 auto_decompress=False,
                 compress=False,
                 timeout=aiohttp.ClientTimeout(
+                    total=total,
                     sock_connect=timeout.get("connect"),
                     sock_read=timeout.get("read"),
                     connect=timeout.get("pool"),
@@ -217,19 +290,18 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         # No reason phrase: nothing reads it, and one with obs-text bytes (RFC 9112 allows them) would not
         # encode back to bytes.
         extensions = {"http_version": b"HTTP/1.1"}
-        length = response.content_length
-        if request.extensions.get(READ_WHOLE_BODY) and length is not None and length <= EAGER_BODY_BYTES:
+        if read_whole:
             # Read in one call instead of streamed through four async-generator layers (aiohttp,
             # httpx-aiohttp, the error remapper, httpx's decoders): ~40 us of a JSON call.
             try:
-                body = await response.read()
+                body, raw_headers = await _read_whole(response, self._max_body_bytes, request)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _httpx_error_for(exc, request) from exc
             finally:
                 response.release()
             return httpx.Response(
                 status_code=response.status,
-                headers=response.raw_headers,
+                headers=raw_headers,
                 content=body,
                 request=request,
                 extensions=extensions,
@@ -479,7 +551,11 @@ class UpstreamClient:
     ) -> Any:
         request = self._build_request(method, path, params, json_body)
         started = self._clock()
-        response = await self._send(endpoint, request, retryable=retryable, stream=False)
+        try:
+            response = await self._send(endpoint, request, retryable=retryable, stream=False)
+        except httpx.DecodingError as exc:
+            # Over the size limit, or a content coding that does not decode.
+            self._malformed(endpoint, self._clock() - started, exc)
         if not response.content and method != "GET":
             # Feedback and delete are documented as "any JSON"; an empty body carries no shape to check.
             self._record(endpoint, "ok", self._clock() - started)

@@ -30,10 +30,10 @@ from service.errors import (
 )
 from service.settings import Secret, Settings
 from service.upstream import (
-    EAGER_BODY_BYTES,
     READ_WHOLE_BODY,
     AiohttpUpstreamTransport,
     TransportKind,
+    UnreadableBody,
     UpstreamClient,
     create_http_client,
     create_transport,
@@ -121,6 +121,7 @@ async def harness(
     kind: TransportKind = "aiohttp",
     key: str = API_KEY,
     read_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
     audio_read_timeout: float = 5.0,
     max_retries: int = 2,
 ) -> AsyncIterator[Harness]:
@@ -128,7 +129,7 @@ async def harness(
     settings = Settings(
         elevenlabs_api_key=Secret(key),
         elevenlabs_base_url=base_url,
-        upstream_connect_timeout=2.0,
+        upstream_connect_timeout=connect_timeout,
         upstream_read_timeout=read_timeout,
     )
     transport = create_transport(kind)
@@ -692,21 +693,25 @@ async def test_transport_reads_a_small_body_whole_only_when_asked() -> None:
         await transport.aclose()
 
 
-async def test_transport_streams_a_body_over_the_eager_limit_even_when_asked() -> None:
-    big = b"\x00" * (EAGER_BODY_BYTES + 1)
+async def test_transport_reads_whole_up_to_its_limit_and_refuses_more() -> None:
+    limit = 64 * 1024
 
     async def blob(request: Request) -> Response:
-        return Response(big, media_type="application/octet-stream")
+        return Response(b"\x00" * int(request.query_params["size"]), media_type="application/octet-stream")
 
     app = Starlette(routes=[Route("/blob", blob)])
-    transport = AiohttpUpstreamTransport()
+    transport = AiohttpUpstreamTransport(max_body_bytes=limit)
     try:
         with serve_http(app) as served:
-            request = httpx.Request("GET", served.url + "/blob", extensions={READ_WHOLE_BODY: True})
-            response = await transport.handle_async_request(request)
-            with pytest.raises(httpx.ResponseNotRead):
-                _ = response.content
-            assert len(await response.aread()) == len(big)
+            request = httpx.Request(
+                "GET", f"{served.url}/blob?size={limit}", extensions={READ_WHOLE_BODY: True}
+            )
+            assert len((await transport.handle_async_request(request)).content) == limit
+            request = httpx.Request(
+                "GET", f"{served.url}/blob?size={limit + 1}", extensions={READ_WHOLE_BODY: True}
+            )
+            with pytest.raises(UnreadableBody, match="over the limit"):
+                await transport.handle_async_request(request)
     finally:
         await transport.aclose()
 

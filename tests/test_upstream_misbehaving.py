@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import json
 import re
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from service.errors import UpstreamError
+from service.errors import UpstreamError, UpstreamTimeout
+from service.upstream import MAX_JSON_BODY_BYTES, UnreadableBody
 from tests.test_upstream import harness, outcomes
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -152,3 +154,82 @@ async def test_no_retry_beyond_the_configured_count_on_a_hang_up() -> None:
         with pytest.raises(UpstreamError, match="upstream connection failed"):
             await h.client.list_conversations([])
     assert len(requests) == 1
+
+
+# --- bodies: bounded once decoded, decoded only when they can be ------------------------------------------
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """Compress `data` as a gzip member."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    return compressor.compress(data) + compressor.flush()
+
+
+async def test_a_gzip_body_inflating_past_the_limit_is_refused() -> None:
+    # 64 MiB of whitespace is valid JSON; compressed, it is ~64 KB.
+    bomb = gzip_bytes(PAGE[:-1] + b" " * (64 << 20) + PAGE[-1:])
+    assert len(bomb) < MAX_JSON_BODY_BYTES // 100
+    async with raw_upstream(answering(bomb, extra=b"Content-Encoding: gzip\r\n")) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response") as caught:
+            await h.client.list_conversations([])
+    assert isinstance(caught.value.__cause__, UnreadableBody)
+    assert outcomes(h, "list") == ["malformed"]
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"deflate"])
+async def test_a_compressed_body_within_the_limit_is_decoded(coding: bytes) -> None:
+    body = gzip_bytes(PAGE) if coding == b"gzip" else zlib.compress(PAGE)
+    async with raw_upstream(answering(body, extra=b"Content-Encoding: " + coding + b"\r\n")) as url:
+        async with harness(url) as h:
+            assert await h.client.list_conversations([]) == {"conversations": [], "has_more": False}
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"), [(b"gzip", b"not gzip at all"), (b"br", PAGE), (b"gzip", gzip_bytes(PAGE)[:-12])]
+)
+async def test_a_body_that_does_not_decode_is_a_malformed_response(coding: bytes, body: bytes) -> None:
+    # Garbage, a coding never asked for, a gzip member cut short: 502, not a 500 (httpx.DecodingError).
+    async with raw_upstream(answering(body, extra=b"Content-Encoding: " + coding + b"\r\n")) as url:
+        async with harness(url) as h:
+            with pytest.raises(UpstreamError, match="malformed upstream response"):
+                await h.client.list_conversations([])
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives() -> None:
+    sent = 0
+
+    async def endless_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b" " * 65536
+        while True:  # until the client hangs up
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+            sent += len(chunk)
+
+    async with raw_upstream(endless_chunks) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.list_conversations([])
+    assert MAX_JSON_BODY_BYTES <= sent < 4 * MAX_JSON_BODY_BYTES
+
+
+# --- time: a whole answer within connect + read ------------------------------------------------------------
+
+
+async def test_an_upstream_trickling_its_answer_is_a_timeout() -> None:
+    # Each byte comes well within the read timeout (per socket read); the whole answer would take ~4 s.
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        answer = json_response(PAGE + b" " * 300)
+        for index in range(len(answer)):
+            writer.write(answer[index : index + 1])
+            await writer.drain()
+            await asyncio.sleep(0.01)  # the upstream's pace, the behaviour under test
+
+    async with raw_upstream(trickle) as url, harness(url, read_timeout=0.3, connect_timeout=0.2) as h:
+        with pytest.raises(UpstreamTimeout, match="did not answer in time"):
+            await h.client.list_conversations([])
+    assert outcomes(h, "list") == ["timeout"]
