@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> Starlette:
             transport=transport,
             max_retries=settings.upstream_max_retries,
             audio_read_timeout=settings.upstream_audio_read_timeout,
+            max_audio_streams=settings.upstream_max_audio_streams,
             observe=metrics.observe_upstream,
         )
         await authenticator.start()

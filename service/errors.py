@@ -177,6 +177,18 @@ class ServiceUnavailable(GatewayError):
     title = "Service unavailable"
 
 
+class AudioStreamsBusy(ServiceUnavailable):
+    """This replica already relays as many audio streams as it allows (UPSTREAM_MAX_AUDIO_STREAMS)."""
+
+    code = "audio_streams_busy"
+
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__(
+            f"too many audio downloads in progress; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 class UpstreamError(GatewayError):
     """The upstream API is unreachable, failed, or answered something unusable."""
 

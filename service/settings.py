@@ -142,6 +142,7 @@ class Settings:
     upstream_read_timeout: float = 10.0
     upstream_audio_read_timeout: float = 60.0
     upstream_max_retries: int = 2
+    upstream_max_audio_streams: int = 50
     request_body_timeout_seconds: float = 10.0
     request_header_timeout_seconds: float = 10.0
     egress_proxy_url: Secret | None = None
@@ -751,6 +752,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "UPSTREAM_AUDIO_READ_TIMEOUT_SECONDS", 60.0, low=0.05, high=3600
         ),
         upstream_max_retries=reader.integer("UPSTREAM_MAX_RETRIES", 2, low=0, high=5),
+        # At most half the upstream connection pool (200), so token minting and JSON calls always find one.
+        upstream_max_audio_streams=reader.integer("UPSTREAM_MAX_AUDIO_STREAMS", 50, low=1, high=100),
         request_body_timeout_seconds=reader.number("REQUEST_BODY_TIMEOUT_SECONDS", 10.0, low=0.05, high=600),
         request_header_timeout_seconds=reader.number(
             "REQUEST_HEADER_TIMEOUT_SECONDS", 10.0, low=0.05, high=600

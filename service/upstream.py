@@ -37,6 +37,7 @@ from httpx_aiohttp.transport import AiohttpResponseStream
 
 from service import __version__
 from service.errors import (
+    AudioStreamsBusy,
     GatewayError,
     NotFound,
     UpstreamError,
@@ -467,6 +468,7 @@ class UpstreamClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_retries: int = 2,
         audio_read_timeout: float = 60.0,
+        max_audio_streams: int | None = None,
         observe: Observer | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         random: Callable[[], float] = _random.random,
@@ -477,6 +479,8 @@ class UpstreamClient:
         self._transport = transport
         self._max_retries = max(0, max_retries)
         self._audio_read_timeout = audio_read_timeout
+        self._max_audio_streams = max_audio_streams
+        self._audio_streams = 0
         self._observe = observe
         self._sleep = sleep
         self._random = random
@@ -701,6 +705,19 @@ class UpstreamClient:
 
     @contextlib.asynccontextmanager
     async def _audio(self, conversation_id: str) -> AsyncIterator[AudioStream]:
+        # A stream holds its pooled connection for as long as its listener takes; without a cap, slow or
+        # paused listeners could take every connection and leave token minting waiting for one.
+        if self._max_audio_streams is not None and self._audio_streams >= self._max_audio_streams:
+            raise AudioStreamsBusy()  # no upstream request: nothing for the upstream metrics
+        self._audio_streams += 1
+        try:
+            async with self._audio_response(conversation_id) as audio:
+                yield audio
+        finally:
+            self._audio_streams -= 1
+
+    @contextlib.asynccontextmanager
+    async def _audio_response(self, conversation_id: str) -> AsyncIterator[AudioStream]:
         default = self._http.timeout
         timeout = httpx.Timeout(
             connect=default.connect, read=self._audio_read_timeout, write=default.write, pool=default.pool

@@ -102,6 +102,8 @@ def test_every_contract_name_is_read() -> None:
         ("PORT", "70000", "PORT: must be between"),
         ("REDIS_PIPELINE_LIMIT", "-1", "REDIS_PIPELINE_LIMIT: must be between 0 and 10000"),
         ("REDIS_PIPELINE_LIMIT", "many", "REDIS_PIPELINE_LIMIT: expected an integer"),
+        ("UPSTREAM_MAX_AUDIO_STREAMS", "101", "UPSTREAM_MAX_AUDIO_STREAMS: must be between 1 and 100"),
+        ("UPSTREAM_MAX_AUDIO_STREAMS", "0", "UPSTREAM_MAX_AUDIO_STREAMS: must be between 1 and 100"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),
         ("REQUEST_HEADER_TIMEOUT_SECONDS", "0", "REQUEST_HEADER_TIMEOUT_SECONDS: must be between"),
         ("REQUEST_HEADER_TIMEOUT_SECONDS", "soon", "REQUEST_HEADER_TIMEOUT_SECONDS: expected a number"),

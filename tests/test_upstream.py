@@ -124,6 +124,8 @@ async def harness(
     connect_timeout: float = 2.0,
     audio_read_timeout: float = 5.0,
     max_retries: int = 2,
+    max_audio_streams: int | None = None,
+    limits: httpx.Limits | None = None,
 ) -> AsyncIterator[Harness]:
     """Build a real client (real transport, real sockets) with a recording sleep and observer."""
     settings = Settings(
@@ -132,7 +134,7 @@ async def harness(
         upstream_connect_timeout=connect_timeout,
         upstream_read_timeout=read_timeout,
     )
-    transport = create_transport(kind)
+    transport = create_transport(kind) if limits is None else create_transport(kind, limits=limits)
     http = create_http_client(settings, transport=transport)
     sleeps: list[float] = []
     observed: list[tuple[str, str, float]] = []
@@ -145,6 +147,7 @@ async def harness(
         transport=transport,  # as the app wires it: calls go straight to the transport
         max_retries=max_retries,
         audio_read_timeout=audio_read_timeout,
+        max_audio_streams=max_audio_streams,
         observe=lambda endpoint, outcome, seconds: observed.append((endpoint, outcome, seconds)),
         sleep=record_sleep,
         random=lambda: 1.0,

@@ -14,9 +14,10 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 
-from service.errors import UpstreamError, UpstreamTimeout
+from service.errors import AudioStreamsBusy, UpstreamError, UpstreamTimeout
 from service.upstream import MAX_JSON_BODY_BYTES, UnreadableBody
 from tests.test_upstream import harness, outcomes
 
@@ -233,3 +234,37 @@ async def test_an_upstream_trickling_its_answer_is_a_timeout() -> None:
         with pytest.raises(UpstreamTimeout, match="did not answer in time"):
             await h.client.list_conversations([])
     assert outcomes(h, "list") == ["timeout"]
+
+
+# --- audio: listeners that never finish -----------------------------------------------------------------
+
+
+async def test_open_audio_streams_are_capped_and_leave_connections_for_other_calls() -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            if b"/audio " in head:
+                # A long recording whose listener has paused: the stream stays open until the gateway leaves.
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\nContent-Length: 1000000\r\n\r\nID3"
+                )
+                await writer.drain()
+                await reader.read()
+                return
+            writer.write(json_response(b'{"token":"t"}'))
+            await writer.drain()
+
+    # A pool of 3 connections and at most 2 audio streams: a JSON call always finds a connection.
+    limits = httpx.Limits(max_connections=3)
+    async with raw_upstream(upstream) as url, harness(url, max_audio_streams=2, limits=limits) as h:
+        async with contextlib.AsyncExitStack() as streams:
+            for _ in range(2):
+                await streams.enter_async_context(h.client.stream_audio("conv_long"))
+            with pytest.raises(AudioStreamsBusy) as caught:
+                await streams.enter_async_context(h.client.stream_audio("conv_long"))
+            assert (caught.value.status, caught.value.headers) == (503, {"Retry-After": "5"})
+            assert await h.client.get_webrtc_token("agent_demo", participant_name="u") == {"token": "t"}
+        # Closed streams give their places back.
+        async with h.client.stream_audio("conv_long") as audio:
+            assert audio.content_type == "audio/mpeg"
+    assert outcomes(h, "audio") == ["ok", "ok", "ok"]  # the refused one never reached upstream
