@@ -93,14 +93,15 @@ def create_app(settings: Settings) -> Starlette:
             metrics=metrics,
             redis=redis,
         )
-        try:
-            yield {"services": services}
-        finally:
-            await authenticator.aclose()
-            await http.aclose()
-            await limiter.aclose()
+        # Every close runs even when one before it fails (a stack runs them all, then re-raises): a failing
+        # authenticator close must not leave the upstream client or the Redis pool open.
+        async with contextlib.AsyncExitStack() as closing:
             if redis is not None:
-                await close_redis(redis)
+                closing.push_async_callback(close_redis, redis)
+            closing.push_async_callback(limiter.aclose)
+            closing.push_async_callback(http.aclose)
+            closing.push_async_callback(authenticator.aclose)
+            yield {"services": services}
 
     routes: list[Route] = [*health.routes, *sessions.routes, *conversations.routes]
     if settings.metrics_port is None:
