@@ -24,6 +24,7 @@ Messages never include tokens, keys or signed URLs: callers pass only a reason c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -336,12 +337,35 @@ class UnhandledErrorMiddleware:
                 return None  # nobody is left to answer; re-raised and ended below
             return await _unhandled_error_handler(Request(scope), exc)
 
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await answer_early_errors(self.app, scope, receive, send, answer)
+            await answer_early_errors(self.app, scope, receive, send_tracking, answer)
         except ClientDisconnect:
             # The client hung up while its body was being read: not a gateway failure, so no 500 and no
             # ERROR line (anyone could raise those at will); the access log and metrics record a 499.
             logger.info("client disconnected before its request body was read")
+        except asyncio.CancelledError:
+            # Only the server cancels a request: at shutdown, once --graceful-timeout has run out. uvicorn would
+            # answer a plain-text 500 and log a traceback, on every deploy that outlasts the timeout; a 503
+            # problem tells the client to retry (elsewhere). Mid-response there is nothing left to answer.
+            if started:
+                raise
+            logger.info("request cut off by shutdown after the graceful timeout")
+            response = problem_response(
+                503,
+                "shutting_down",
+                "Service unavailable",
+                "the gateway is shutting down; retry the request",
+                headers={"Connection": "close", "Retry-After": "1"},
+            )
+            await response(scope, receive, send)
 
 
 async def answer_early_errors(
