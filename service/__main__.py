@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from service import __version__
 from service.settings import ConfigError, Settings, load_settings, safe_url
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3  # uvicorn's: the server could not start (address in use, the app failed to load)
 DEV_AGENT_ID = "agent_demo"
 DEV_USER = "alice"
 # The web example (deploy/examples/web) is mounted by `dev` only, never by the production app.
@@ -53,15 +56,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.observability import configure_logging, serve_metrics_port
     from service.server_protocol import HeaderDeadlineProtocol
+    from service.supervisor import DrainingMultiprocess
 
     configure_logging(settings.log_level)
     workers = args.workers
     if (workers > 1 or settings.metrics_port) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes share one set of metrics only through prometheus-client's multiprocess files.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="convai-metrics-")
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir and not (os.path.isdir(metrics_dir) and os.access(metrics_dir, os.W_OK | os.X_OK)):
+        # Otherwise each worker fails at start with a traceback, and the supervisor restarts it for ever.
+        return _fail(f"PROMETHEUS_MULTIPROC_DIR: {metrics_dir} is not a writable directory")
     if settings.metrics_port:
-        serve_metrics_port(settings.host if args.host is None else args.host, settings.metrics_port)
-    uvicorn.run(
+        try:
+            serve_metrics_port(settings.host if args.host is None else args.host, settings.metrics_port)
+        except OSError as exc:
+            return _fail(f"METRICS_PORT: cannot listen on port {settings.metrics_port}: {exc.strerror}")
+    config = uvicorn.Config(
         "service.app:app_from_environment",
         factory=True,
         host=args.host or settings.host,
@@ -79,7 +90,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # app's access log and uvicorn logged its raw path and query, tokens included. Now it is a plain request.
         ws="none",
     )
-    return 0
+    if workers > 1:
+        # What uvicorn.run does for workers, with a supervisor that stops listening when shutdown begins.
+        DrainingMultiprocess(config, sockets=[config.bind_socket()]).run()
+        return 0
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the SIGTERM it caught once it has drained, which under the default handler ends the
+    # process as killed (exit status 143) after a clean shutdown; this handler makes that re-raise exit 0.
+    # Before uvicorn installs its own handler (while starting), a SIGTERM also exits 0 at once.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT (Ctrl+C), re-raised by uvicorn as well
+        server.run()
+    return 0 if server.started else EXIT_STARTUP
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _port_number(value: str) -> int:
+    """Parse a --port value: an integer from 1 to 65535 (as PORT is checked)."""
+    number = _integer(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {number}")
+    return number
+
+
+def _worker_count(value: str) -> int:
+    """Parse a --workers value: an integer from 1 to 64."""
+    number = _integer(value)
+    if not 1 <= number <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64, got {number}")
+    return number
+
+
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
 
 
 def _redis_description(settings: Settings) -> str:
@@ -349,8 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the production server from the environment")
     serve.add_argument("--host", default=None, help="bind address (default: HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default: PORT or 8080)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--port", type=_port_number, default=None, help="port (default: PORT or 8080)")
+    serve.add_argument(
+        "--workers", type=_worker_count, default=1, help="worker processes (default 1, at most 64)"
+    )
     serve.add_argument(
         "--graceful-timeout", type=int, default=20, help="seconds to finish in-flight requests"
     )

@@ -1,0 +1,235 @@
+"""`convai-gateway serve` lifecycle: exit status on SIGTERM, requests cut off at the graceful timeout, the
+listening socket during a multi-worker drain, and start-up failures that must be one clear line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.dev_tokens import mint_token
+from tests.conftest import EMULATOR_API_KEY
+from tests.support.gateway import TEST_JWT_SECRET, gateway_env
+from tests.support.servers import free_port
+from tests.test_serve import wait_until_ready
+
+LIST = "/v1/convai/conversations"
+
+
+def serve_env(emulator_url: str, redis_url: str, tmp_path: Path, **overrides: str) -> dict[str, str]:
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "PROMETHEUS_", "METRICS_"))
+        },
+        **gateway_env(emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="INFO", **overrides),
+    }
+    return env
+
+
+class Serve:
+    """A `convai-gateway serve` subprocess whose stderr goes to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port), *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+    def wait_for_log(
+        self, predicate: Callable[[dict[str, Any]], bool], count: int = 1, timeout: float = 20
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.log_lines() if predicate(line)) < count:
+            assert time.monotonic() < deadline, "expected log line never appeared"
+            time.sleep(0.02)  # polling a child process's log file
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=20)
+        self._log.close()
+
+
+StartServe = Callable[..., Serve]
+
+
+@pytest.fixture
+def start_serve(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[StartServe]:
+    started: list[Serve] = []
+
+    def start(*args: str, **overrides: str) -> Serve:
+        served = Serve(
+            list(args), serve_env(emulator_url, redis_url, tmp_path, **overrides), tmp_path / "serve.log"
+        )
+        started.append(served)
+        wait_until_ready(served.base, served.process)
+        return served
+
+    yield start
+    for served in started:
+        served.close()
+
+
+def _slow_list_in_flight(
+    emulator_url: str, base: str, delay: float
+) -> tuple[threading.Thread, dict[str, object]]:
+    """Start a history listing whose upstream answers after `delay` s; return once upstream has it."""
+    httpx.post(
+        f"{emulator_url}/_emulator/faults",
+        json={"endpoint": "list", "kind": "slow", "delay_seconds": delay, "times": 1},
+    ).raise_for_status()
+    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+    token = mint_token(TEST_JWT_SECRET, "alice")
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            response = httpx.get(f"{base}{LIST}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            result["response"] = response
+        except httpx.HTTPError as exc:
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not httpx.get(f"{emulator_url}/_emulator/requests").json():
+        assert time.monotonic() < deadline, "request never reached upstream"
+        time.sleep(0.02)  # condition wait: the request is in flight once upstream has received it
+    return thread, result
+
+
+def test_single_worker_sigterm_finishes_in_flight_requests_and_exits_0(
+    start_serve: StartServe, emulator_url: str
+) -> None:
+    # The container image and the Helm chart (workers: 1) run one worker: every pod stop goes through this.
+    served = start_serve("--graceful-timeout", "15")
+    thread, result = _slow_list_in_flight(emulator_url, served.base, 1.0)
+    served.process.send_signal(signal.SIGTERM)
+    status = served.process.wait(timeout=20)
+    thread.join(timeout=20)
+    response = result["response"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200
+    assert status == 0, f"serve exited with {status} after a graceful SIGTERM"
+
+
+def test_a_request_cut_off_at_the_graceful_timeout_gets_a_problem_and_no_error_traceback(
+    start_serve: StartServe, emulator_url: str
+) -> None:
+    served = start_serve("--graceful-timeout", "1")
+    thread, result = _slow_list_in_flight(emulator_url, served.base, 8.0)
+    served.process.send_signal(signal.SIGTERM)
+    served.process.wait(timeout=20)
+    thread.join(timeout=20)
+    response = result["response"]
+    assert isinstance(response, httpx.Response)
+    # Contract: every error body is a problem, with the request id and security headers; a shutdown is not a
+    # server bug (no 500, which pages whoever watches the 5xx rate on every deploy).
+    assert response.status_code == 503, (
+        response.status_code,
+        response.headers.get("content-type"),
+        response.text,
+    )
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "x-request-id" in response.headers
+    tracebacks = [
+        line for line in served.log_lines() if line["msg"].startswith("Exception in ASGI application")
+    ]
+    assert tracebacks == []
+
+
+def test_new_connections_are_refused_while_workers_drain(start_serve: StartServe, emulator_url: str) -> None:
+    served = start_serve("--workers", "2", "--graceful-timeout", "15")
+    thread, _ = _slow_list_in_flight(emulator_url, served.base, 6.0)
+    served.process.send_signal(signal.SIGTERM)
+    # Both workers have stopped accepting (one still finishes the in-flight request).
+    served.wait_for_log(lambda line: line["msg"] == "Shutting down", count=2)
+    outcome = "accepted"
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", served.port), timeout=1) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                sock.settimeout(1)
+                outcome = "answered" if sock.recv(16) else "closed"
+        except ConnectionRefusedError:
+            outcome = "refused"
+            break
+        except TimeoutError:
+            outcome = "accepted, then hung"
+    thread.join(timeout=20)
+    served.process.wait(timeout=20)
+    # Nobody will ever serve these: the parent's listening socket must close so clients fail over at once.
+    assert outcome == "refused"
+
+
+def _serve_once(env: dict[str, str], *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "service", "serve", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"serve {' '.join(args)} kept running instead of refusing to start: {exc.stderr!r}"[:600])
+
+
+@pytest.mark.parametrize("port", ["70000", "-5"])
+def test_serve_refuses_an_out_of_range_port_like_PORT(
+    emulator_url: str, redis_url: str, tmp_path: Path, port: str
+) -> None:
+    # PORT=70000 is refused with exit 2; `--port 70000` silently listened on 70000 % 65536 = 4464.
+    result = _serve_once(serve_env(emulator_url, redis_url, tmp_path), "--port", port)
+    assert result.returncode == 2
+    assert "--port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_is_one_clear_line_without_traceback(
+    emulator_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        env = serve_env(emulator_url, redis_url, tmp_path, METRICS_PORT=str(metrics_port))
+        result = _serve_once(env, "--port", str(free_port()))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-400:]
+    assert "METRICS_PORT" in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unusable_metrics_directory_is_one_clear_line_not_a_traceback_or_a_crash_loop(
+    emulator_url: str, redis_url: str, tmp_path: Path, workers: str
+) -> None:
+    # A PROMETHEUS_MULTIPROC_DIR that does not exist: each worker's factory raised FileNotFoundError; with
+    # --workers 2 the supervisor restarted them forever (never ready, never exiting).
+    env = serve_env(emulator_url, redis_url, tmp_path)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "missing")
+    result = _serve_once(env, "--port", str(free_port()), "--workers", workers, timeout=20)
+    assert result.returncode == 2
+    assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr
+    assert "Traceback" not in result.stderr
