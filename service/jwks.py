@@ -39,6 +39,9 @@ MIN_RSA_BITS = 2048
 REFRESH_FRACTION = 0.9
 FAILURE_RETRY_MIN_SECONDS = 5.0
 FAILURE_RETRY_MAX_SECONDS = 300.0
+# Until a first key set has loaded the gateway is not ready, and an unready pod gets no traffic that could
+# trigger an unknown-kid refetch: only this retry can make it ready once the JWKS is back.
+UNLOADED_RETRY_MAX_SECONDS = 30.0
 
 # The key family each algorithm must be verified with: this pairing is what stops algorithm confusion.
 ALGORITHM_FAMILIES: Mapping[str, str] = {
@@ -212,6 +215,7 @@ class JwksCache:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[bool] | None = None
+        self._inflight_for_unknown_kid = False  # whether the fetch in flight began for an unknown kid
         self._keys: tuple[VerificationKey, ...] = ()
         self._by_kid: dict[str, VerificationKey] = {}
         self._loaded = False
@@ -265,11 +269,12 @@ class JwksCache:
         """Return the key with this `kid` from the current set, or None."""
         return self._by_kid.get(kid)
 
-    async def refresh(self) -> bool:
+    async def refresh(self, *, for_unknown_kid: bool = False) -> bool:
         """Fetch the key set now (joining a fetch already in flight); return whether it succeeded."""
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._fetch_and_store())
             self._inflight.add_done_callback(self._clear_inflight)
+            self._inflight_for_unknown_kid = for_unknown_kid
         return await asyncio.shield(self._inflight)
 
     async def refresh_if_due(self) -> bool:
@@ -282,13 +287,21 @@ class JwksCache:
     async def refetch_for_unknown_kid(self) -> None:
         """Refetch after a token named an unknown `kid`: share a fetch in flight, else respect the cooldown."""
         if self._inflight is not None:
+            started_for_unknown_kid = self._inflight_for_unknown_kid
             await asyncio.shield(self._inflight)
-            return
+            if started_for_unknown_kid:
+                return
+            # A scheduled refresh may have read the key set just before the new key was published (a rotation
+            # while it was in flight): it does not answer for this kid, a fetch of its own (cooldown permitting)
+            # does. Callers that found one already started for an unknown kid share it.
+            if self._inflight is not None and self._inflight_for_unknown_kid:
+                await asyncio.shield(self._inflight)
+                return
         now = self._clock()
         if self._last_unknown_kid_fetch is not None and now - self._last_unknown_kid_fetch < self._cooldown:
             return
         self._last_unknown_kid_fetch = now
-        await self.refresh()
+        await self.refresh(for_unknown_kid=True)
 
     def _clear_inflight(self, task: asyncio.Task[bool]) -> None:
         if self._inflight is task:
@@ -301,7 +314,8 @@ class JwksCache:
             reason = exc.detail if isinstance(exc, JwksFetchFailed) else f"unexpected {type(exc).__name__}"
             self._failures += 1
             self.last_error = reason
-            retry = min(FAILURE_RETRY_MAX_SECONDS, FAILURE_RETRY_MIN_SECONDS * 2 ** (self._failures - 1))
+            cap = FAILURE_RETRY_MAX_SECONDS if self._loaded else UNLOADED_RETRY_MAX_SECONDS
+            retry = min(cap, FAILURE_RETRY_MIN_SECONDS * 2 ** (self._failures - 1))
             self.next_refresh_at = self._clock() + retry
             logger.warning(
                 "JWKS refresh from %s failed: %s; keeping %d cached keys",
