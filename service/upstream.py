@@ -194,6 +194,25 @@ class _AiohttpStream(httpx.AsyncByteStream):
             await self._inner.aclose()
 
 
+class _NoStaleBytesConnector(aiohttp.TCPConnector):
+    """A TCPConnector that never reuses a pooled connection on which bytes arrived while it sat idle."""
+
+    # An idle HTTP/1.1 connection must be silent. Bytes there are a response nobody asked for (a buggy
+    # upstream or intermediary); reused, the connection would hand it to the next request as its answer,
+    # one user's token to another. aiohttp checks this when a connection is released, not when it is taken
+    # from the pool (httpcore does); this closes such connections at that point. Relies on aiohttp 3.14's
+    # pool (`_conns`); a test fails if that changes.
+    async def _get(self, key: Any, traces: list[Any]) -> Any:
+        pooled = self._conns.get(key)
+        # aiohttp takes pooled connections from the left: only those it would take next are looked at.
+        while pooled and pooled[0][0].should_close:
+            protocol, _ = pooled.popleft()
+            protocol.close()
+        if pooled is not None and not pooled:
+            del self._conns[key]
+        return await super()._get(key, traces)
+
+
 class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
     """httpx-aiohttp's transport with a cookieless session created inside the running loop."""
 
@@ -219,7 +238,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         self._inner = AiohttpTransport(limits=limits, trust_env=False, client=self._new_session)
 
     def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _NoStaleBytesConnector(
             limit=self._limits.max_connections or 0,
             keepalive_timeout=self._limits.keepalive_expiry or 15.0,
             ssl=self._inner.ssl_context,

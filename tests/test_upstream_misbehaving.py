@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.errors import AudioStreamsBusy, UpstreamError, UpstreamTimeout
-from service.upstream import MAX_JSON_BODY_BYTES, UnreadableBody
+from service.upstream import MAX_JSON_BODY_BYTES, AiohttpUpstreamTransport, UnreadableBody
 from tests.test_upstream import harness, outcomes
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -44,16 +44,29 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 async def raw_upstream(handler: Handler) -> AsyncIterator[str]:
     """Run `handler` for every connection to a loopback server; yield the server's base URL."""
 
+    connections: set[asyncio.Task[None]] = set()
+
     async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            await handler(reader, writer)
-        writer.close()
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                await handler(reader, writer)
+        finally:
+            writer.close()
+            connections.discard(task)
 
     server = await asyncio.start_server(guarded, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+        # Handlers still serving a kept-alive connection end here, not when the loop is gone.
+        for task in list(connections):
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
 
 
 def answering(body: bytes, *, status: bytes = b"200 OK", extra: bytes = b"") -> Handler:
@@ -268,3 +281,45 @@ async def test_open_audio_streams_are_capped_and_leave_connections_for_other_cal
         async with h.client.stream_audio("conv_long") as audio:
             assert audio.content_type == "audio/mpeg"
     assert outcomes(h, "audio") == ["ok", "ok", "ok"]  # the refused one never reached upstream
+
+
+# --- a response nobody asked for ---------------------------------------------------------------------------
+
+
+def pooled_connection_has_unread_bytes(transport: AiohttpUpstreamTransport) -> bool:
+    """Tell whether an idle pooled connection has received bytes (read from aiohttp's pool)."""
+    session = transport.session
+    assert session is not None
+    pool = session.connector._conns  # type: ignore[union-attr]
+    return any(protocol.should_close for connections in pool.values() for protocol, _ in connections)
+
+
+async def test_a_response_arriving_on_an_idle_connection_never_answers_a_later_request() -> None:
+    # A buggy upstream or intermediary sends one response too many. On a reused connection it would be read
+    # as the answer to the next request: one user's token handed to another (HTTP/1.1 has no request ids).
+    stray_sent = asyncio.Event()
+
+    async def one_too_many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            head = await read_request(reader)
+            who = re.search(rb"participant_name=(\w+)", head)
+            assert who is not None
+            writer.write(json_response(b'{"token":"for-%s"}' % who.group(1)))
+            await writer.drain()
+            if first:
+                first = False
+                await stray_sent.wait()  # once the first caller has its answer and the connection is idle
+                writer.write(json_response(b'{"token":"for-nobody"}'))
+                await writer.drain()
+
+    async with raw_upstream(one_too_many) as url, harness(url, max_retries=0) as h:
+        transport = h.client._transport
+        assert isinstance(transport, AiohttpUpstreamTransport)
+        first = await h.client.get_webrtc_token("agent_demo", participant_name="alice")
+        stray_sent.set()
+        async with asyncio.timeout(5):  # until the stray bytes sit in the idle pooled connection
+            while not pooled_connection_has_unread_bytes(transport):
+                await asyncio.sleep(0.001)
+        second = await h.client.get_webrtc_token("agent_demo", participant_name="bob")
+    assert (first, second) == ({"token": "for-alice"}, {"token": "for-bob"})
