@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install web-deps dev test check lint format typecheck deploy-check bench profile clean
+.PHONY: install system-deps web-deps dev test check lint format typecheck deploy-check bench profile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,16 @@ $(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
 
 install: $(STAMP)
 
+# redis-server, redis-cli, Chromium and Node/npm from Debian's packages when missing (root), else what to run.
+system-deps:
+	bash .ci/system-deps
+
 web-deps: $(WEB)/node_modules/.package-lock.json
 
 dev: install
 	$(VENV)/bin/convai-gateway dev
 
-test: install web-deps
+test: install system-deps web-deps
 	$(PY) -m pytest
 
 lint: install

@@ -1,8 +1,8 @@
 """The web example end to end: headless Chromium drives deploy/examples/web against a real gateway and emulator.
 
 Needs Debian's `chromium`, Node and `npm ci` in deploy/examples/web (playwright-core, @elevenlabs/client).
-`.ci/run` installs all three, so under CI (CI=true) a missing one is a failure with the command that fixes it,
-never a skip. On a developer machine without them, `make test` runs everything else and says what to install.
+`make test` installs all three (.ci/system-deps, then npm ci); a missing one is a failure naming the command that
+fixes it, never a skip.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ BOBS_SEEDED = {"conv_03bob00refund000000000000b", "conv_04bob00inprogress0000000
 
 
 def require_browser_tools() -> None:
-    """Fail under CI (skip elsewhere) with the fixing command when Chromium, Node or the packages are missing."""
+    """Fail with the fixing command when Chromium, Node or the example's packages are missing."""
     missing = []
     if not Path(CHROMIUM).is_file():
         missing.append(f"{CHROMIUM}: apt-get install -y chromium")
@@ -56,10 +56,9 @@ def require_browser_tools() -> None:
     ):
         missing.append(f"playwright-core and @elevenlabs/client: cd {EXAMPLE_DIR} && npm ci")
     if missing:
-        message = "the web example's browser test needs: " + "; ".join(missing) + " (.ci/run installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(
+            "the web example's browser test needs: " + "; ".join(missing) + " (`make test` installs them)"
+        )
 
 
 class LateApp:
