@@ -327,7 +327,7 @@ class UnhandledErrorMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app; turn an exception raised before the response started into a 500 problem."""
+        """Run the app; answer a failure before the response started with a 500 problem, a shutdown with a 503."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -337,35 +337,26 @@ class UnhandledErrorMiddleware:
                 return None  # nobody is left to answer; re-raised and ended below
             return await _unhandled_error_handler(Request(scope), exc)
 
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await answer_early_errors(self.app, scope, receive, send_tracking, answer)
+            await answer_early_errors(self.app, scope, receive, send, answer, cancelled=_shutdown_response)
         except ClientDisconnect:
             # The client hung up while its body was being read: not a gateway failure, so no 500 and no
             # ERROR line (anyone could raise those at will); the access log and metrics record a 499.
             logger.info("client disconnected before its request body was read")
-        except asyncio.CancelledError:
-            # Only the server cancels a request: at shutdown, once --graceful-timeout has run out. uvicorn would
-            # answer a plain-text 500 and log a traceback, on every deploy that outlasts the timeout; a 503
-            # problem tells the client to retry (elsewhere). Mid-response there is nothing left to answer.
-            if started:
-                raise
-            logger.info("request cut off by shutdown after the graceful timeout")
-            response = problem_response(
-                503,
-                "shutting_down",
-                "Service unavailable",
-                "the gateway is shutting down; retry the request",
-                headers={"Connection": "close", "Retry-After": "1"},
-            )
-            await response(scope, receive, send)
+
+
+def _shutdown_response() -> Response:
+    # Only the server cancels a request: at shutdown, once --graceful-timeout has run out. uvicorn would answer
+    # a plain-text 500 and log a traceback, on every deploy that outlasts the timeout; a 503 problem tells the
+    # client to retry (elsewhere).
+    logger.info("request cut off by shutdown after the graceful timeout")
+    return problem_response(
+        503,
+        "shutting_down",
+        "Service unavailable",
+        "the gateway is shutting down; retry the request",
+        headers={"Connection": "close", "Retry-After": "1"},
+    )
 
 
 async def answer_early_errors(
@@ -374,8 +365,13 @@ async def answer_early_errors(
     receive: Receive,
     send: Send,
     answer: Callable[[Exception], Awaitable[Response | None]],
+    *,
+    cancelled: Callable[[], Response] | None = None,
 ) -> None:
-    """Run `app`; answer an exception raised before its response started with `answer(exc)` (None re-raises)."""
+    """Run `app`; answer an exception raised before its response started with `answer(exc)` (None re-raises).
+
+    With `cancelled`, a cancellation before the response started is answered with `cancelled()` too.
+    """
     started = False
 
     async def send_tracking(message: Message) -> None:
@@ -392,6 +388,10 @@ async def answer_early_errors(
         if response is None:
             raise
         await response(scope, receive, send)
+    except asyncio.CancelledError:
+        if started or cancelled is None:
+            raise
+        await cancelled()(scope, receive, send)
 
 
 EXCEPTION_HANDLERS = {

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -125,36 +126,41 @@ def test_workers_write_structured_access_logs(served: Served) -> None:
     assert len(access) == 10
 
 
-def test_sigterm_lets_in_flight_requests_finish(served: Served, emulator_url: str) -> None:
+def slow_list_in_flight(
+    emulator_url: str, base: str, delay: float
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start a history listing whose upstream answers after `delay` s; return once upstream has received it."""
     httpx.post(
         f"{emulator_url}/_emulator/faults",
-        json={"endpoint": "list", "kind": "slow", "delay_seconds": 1.5, "times": 1},
+        json={"endpoint": "list", "kind": "slow", "delay_seconds": delay, "times": 1},
     ).raise_for_status()
     httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
     token = mint_token(TEST_JWT_SECRET, "alice")
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
 
-    def slow_request() -> None:
+    def run() -> None:
         try:
-            response = httpx.get(
-                f"{served.base}/v1/convai/conversations",
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=20,
+            result["response"] = httpx.get(
+                f"{base}/v1/convai/conversations", headers={"Authorization": f"Bearer {token}"}, timeout=30
             )
-            result["status"] = response.status_code
         except httpx.HTTPError as exc:
             result["error"] = repr(exc)
 
-    thread = threading.Thread(target=slow_request)
+    thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 10
     # Condition wait: the request is in flight once the upstream has received it.
     while not httpx.get(f"{emulator_url}/_emulator/requests").json():
         assert time.monotonic() < deadline, "request never reached upstream"
         time.sleep(0.02)
+    return thread, result
+
+
+def test_sigterm_lets_in_flight_requests_finish(served: Served, emulator_url: str) -> None:
+    thread, result = slow_list_in_flight(emulator_url, served.base, 1.5)
     exit_status = served.stop()
     thread.join(timeout=20)
-    assert result == {"status": 200}
+    assert result["response"].status_code == 200, result
     assert exit_status == 0
 
 

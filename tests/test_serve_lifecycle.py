@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service.dev_tokens import mint_token
 from tests.conftest import EMULATOR_API_KEY
-from tests.support.gateway import TEST_JWT_SECRET, gateway_env
+from tests.support.gateway import gateway_env
 from tests.support.servers import free_port
-from tests.test_serve import wait_until_ready
+from tests.test_serve import slow_list_in_flight, wait_until_ready
 
 LIST = "/v1/convai/conversations"
 
@@ -92,40 +90,12 @@ def start_serve(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[S
         served.close()
 
 
-def _slow_list_in_flight(
-    emulator_url: str, base: str, delay: float
-) -> tuple[threading.Thread, dict[str, object]]:
-    """Start a history listing whose upstream answers after `delay` s; return once upstream has it."""
-    httpx.post(
-        f"{emulator_url}/_emulator/faults",
-        json={"endpoint": "list", "kind": "slow", "delay_seconds": delay, "times": 1},
-    ).raise_for_status()
-    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
-    token = mint_token(TEST_JWT_SECRET, "alice")
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            response = httpx.get(f"{base}{LIST}", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-            result["response"] = response
-        except httpx.HTTPError as exc:
-            result["error"] = repr(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not httpx.get(f"{emulator_url}/_emulator/requests").json():
-        assert time.monotonic() < deadline, "request never reached upstream"
-        time.sleep(0.02)  # condition wait: the request is in flight once upstream has received it
-    return thread, result
-
-
 def test_single_worker_sigterm_finishes_in_flight_requests_and_exits_0(
     start_serve: StartServe, emulator_url: str
 ) -> None:
     # The container image and the Helm chart (workers: 1) run one worker: every pod stop goes through this.
     served = start_serve("--graceful-timeout", "15")
-    thread, result = _slow_list_in_flight(emulator_url, served.base, 1.0)
+    thread, result = slow_list_in_flight(emulator_url, served.base, 1.0)
     served.process.send_signal(signal.SIGTERM)
     status = served.process.wait(timeout=20)
     thread.join(timeout=20)
@@ -138,7 +108,7 @@ def test_a_request_cut_off_at_the_graceful_timeout_gets_a_problem_and_no_error_t
     start_serve: StartServe, emulator_url: str
 ) -> None:
     served = start_serve("--graceful-timeout", "1")
-    thread, result = _slow_list_in_flight(emulator_url, served.base, 8.0)
+    thread, result = slow_list_in_flight(emulator_url, served.base, 8.0)
     served.process.send_signal(signal.SIGTERM)
     served.process.wait(timeout=20)
     thread.join(timeout=20)
@@ -161,7 +131,7 @@ def test_a_request_cut_off_at_the_graceful_timeout_gets_a_problem_and_no_error_t
 
 def test_new_connections_are_refused_while_workers_drain(start_serve: StartServe, emulator_url: str) -> None:
     served = start_serve("--workers", "2", "--graceful-timeout", "15")
-    thread, _ = _slow_list_in_flight(emulator_url, served.base, 6.0)
+    thread, _ = slow_list_in_flight(emulator_url, served.base, 6.0)
     served.process.send_signal(signal.SIGTERM)
     # Both workers have stopped accepting (one still finishes the in-flight request).
     served.wait_for_log(lambda line: line["msg"] == "Shutting down", count=2)
