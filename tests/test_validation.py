@@ -45,7 +45,7 @@ def test_repeated_and_ignored_parameters_are_split() -> None:
 @pytest.mark.parametrize(
     ("raw", "ok"), [("5", True), ("0", False), ("101", False), ("1e3", False), ("x", False)]
 )
-def test_integer_bounds(raw: str, ok: bool) -> None:
+def test_integers_out_of_bounds_or_not_plain_decimals_are_refused(raw: str, ok: bool) -> None:
     if ok:
         assert validation.integer({"n": raw}, "n", low=1, high=100) == int(raw)
     else:
@@ -53,7 +53,7 @@ def test_integer_bounds(raw: str, ok: bool) -> None:
             validation.integer({"n": raw}, "n", low=1, high=100)
 
 
-def test_boolean_and_choice() -> None:
+def test_only_literal_booleans_and_listed_choices_are_accepted() -> None:
     assert validation.boolean({"b": "true"}, "b") is True
     assert validation.boolean({}, "b") is None
     with pytest.raises(InvalidRequest):

@@ -145,7 +145,9 @@ def test_secret_mask_filter_on_a_bare_record() -> None:
     assert mask_secrets("nothing secret here: agent_1, conv_42") == "nothing secret here: agent_1, conv_42"
 
 
-def test_audit_line_shape(json_logs: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_audit_event_is_one_json_line_with_its_fields_and_clashing_names_suffixed(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     audit(
         "act_as", actor=user_hash("gateway-svc"), user=user_hash("alice"), name="clashes", agent_id="agent_1"
     )

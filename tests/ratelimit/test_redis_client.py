@@ -35,7 +35,7 @@ async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url:
         await close_redis(client)
 
 
-async def test_unix_socket_url() -> None:
+async def test_a_unix_socket_url_connects_and_the_limiter_counts_there() -> None:
     directory = Path(tempfile.mkdtemp(prefix="convai-unix-"))
     path = directory / "redis.sock"
     server = RedisServer(extra_args=("--unixsocket", str(path), "--unixsocketperm", "700"))

@@ -180,7 +180,7 @@ async def test_redis_limiter_alone_raises_503_not_500(client: object, redis_serv
     assert caught.value.status == 503 and caught.value.code == "rate_limiter_unavailable"
 
 
-def test_circuit_breaker_states() -> None:
+def test_breaker_opens_on_consecutive_failures_and_one_probe_at_a_time_closes_it() -> None:
     clock = ManualClock()
     changes: list[str] = []
     breaker = CircuitBreaker(3, 5.0, clock=clock)

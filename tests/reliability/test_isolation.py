@@ -11,7 +11,7 @@ the real gateway (ASGI), the real emulator and real Redis, in every ownership mo
 - a listing (every page, sealed cursors followed) returns exactly the caller's conversations.
 
 Companion properties live where their code is: redaction in tests/test_redaction.py, client-IP
-resolution against spoofed X-Forwarded-For hops in tests/ratelimit/test_client_ip.py.
+resolution against spoofed X-Forwarded-For hops in tests/test_client_ip.py.
 """
 
 from __future__ import annotations

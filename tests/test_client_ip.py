@@ -55,7 +55,9 @@ def scope(peer: str | None, *xff: str) -> dict[str, Any]:
         ("testclient", ("198.51.100.1",), "testclient"),
     ],
 )
-def test_client_ip_table(peer: str | None, xff: tuple[str, ...], expected: str) -> None:
+def test_only_trusted_peers_are_believed_and_the_right_most_untrusted_hop_is_the_client(
+    peer: str | None, xff: tuple[str, ...], expected: str
+) -> None:
     assert client_ip(scope(peer, *xff), TRUSTED) == expected
 
 
