@@ -201,12 +201,10 @@ def _connect(served: Served) -> socket.socket:
 def test_request_headers_that_never_complete_get_408_and_the_connection_closed(served: Served) -> None:
     with _connect(served) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: ")
-        started = time.monotonic()
+        # REQUEST_HEADER_TIMEOUT_SECONDS=1 here; the socket's own timeout (10 s) would raise, not answer.
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
     assert_connection_problem(answer, "request_timeout")
-    # REQUEST_HEADER_TIMEOUT_SECONDS=1 here; the socket's own timeout (10 s) would have raised instead.
-    assert time.monotonic() - started < 10
 
 
 def test_a_connection_that_sends_nothing_is_closed(served: Served) -> None:
