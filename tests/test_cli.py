@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -212,16 +213,26 @@ def test_dev_prints_a_token_and_three_curl_lines_that_work(
     curls = [line for line in lines if line.startswith("curl ")]
     assert len(exports) == 1, lines
     assert len(curls) == 3, lines
+    answers: dict[str, object] = {}
     for curl in curls:
         # Paste exactly what was printed into a shell, with the printed export.
         script = exports[0] + "\n" + curl.replace("curl -s", 'curl -s -w "\\n%{http_code}"', 1)
         result = subprocess.run(
             ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False
         )
-        status = result.stdout.strip().splitlines()[-1]
+        body, _, status = result.stdout.strip().rpartition("\n")
         assert status == "200", (curl, result.stdout, result.stderr)
+        path = re.search(r"/v1/convai/[a-z/_-]+", curl)
+        assert path is not None, curl
+        answers[path.group()] = json.loads(body)
     assert process.poll() is None
-    assert re.search(r"signed_url|conversations|token", " ".join(lines)) is not None
+    signed = answers["/v1/convai/conversation/get-signed-url"]
+    token = answers["/v1/convai/conversation/token"]
+    listed = answers["/v1/convai/conversations"]
+    assert isinstance(signed, dict) and "conversation_signature=" in signed["signed_url"], signed
+    assert isinstance(token, dict) and isinstance(token["token"], str) and token["token"], token
+    # The embedded emulator is seeded: the dev user's conversations are there to be listed.
+    assert isinstance(listed, dict) and isinstance(listed["conversations"], list) and listed["conversations"]
 
 
 def test_dev_names_its_redis_without_the_password() -> None:
