@@ -344,6 +344,24 @@ async def test_agent_outside_the_allowlist_or_the_token_is_refused_before_upstre
 
 
 @pytest.mark.parametrize("route", ROUTES)
+async def test_a_refused_agent_costs_no_rate_limit_budget(
+    gateway: Gateway, inspect: redis.Redis, route: str
+) -> None:
+    burst = gateway.settings.rate_limits["user-session"].burst
+    headers = gateway.headers("u")
+    refused = [
+        await gateway.client.get(route, params={"agent_id": "agent_evil"}, headers=headers)
+        for _ in range(burst + 1)
+    ]
+    assert [(r.status_code, problem_code(r)) for r in refused] == [(403, "agent_not_allowed")] * (burst + 1)
+    # The whole burst is still there: the first allowed request spends only its own unit.
+    allowed = await gateway.client.get(route, params={"agent_id": "agent_demo"}, headers=headers)
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["ratelimit"].startswith(f'"user-session";r={burst - 1};'), allowed.headers
+    assert [key for key in inspect.scan_iter() if "agent_evil" in str(key)] == []
+
+
+@pytest.mark.parametrize("route", ROUTES)
 async def test_missing_scope_is_403_before_upstream(gateway: Gateway, route: str) -> None:
     response = await gateway.client.get(
         route, params={"agent_id": "agent_demo"}, headers=gateway.headers("u", scopes="convai:history")
