@@ -295,6 +295,19 @@ async def test_delete_requires_the_delete_scope(gateway: Gateway) -> None:
     assert await upstream_exists(gateway, conversation_id)
 
 
+async def test_a_delete_without_the_scope_costs_no_rate_limit_budget(gateway: Gateway) -> None:
+    burst = gateway.settings.rate_limits["user-delete"].burst
+    missing = f"{LIST}/conv_doesnotexist0000000000000"
+    refused = [
+        await gateway.client.delete(missing, headers=gateway.headers("alice")) for _ in range(burst + 1)
+    ]
+    assert {(r.status_code, problem(r)["code"]) for r in refused} == {(403, "insufficient_scope")}
+    # With the scope, the delete is judged on its merits: the whole burst is still there.
+    allowed = await gateway.client.delete(missing, headers=gateway.headers("alice", scopes=ALL_SCOPES))
+    assert (allowed.status_code, problem(allowed)["code"]) == (404, "not_found")
+    assert allowed.headers["ratelimit"].startswith(f'"user-delete";r={burst - 1};'), allowed.headers
+
+
 async def test_history_routes_require_the_history_scope(gateway: Gateway) -> None:
     conversation_id = await mint(gateway, "alice", upstream_user="alice")
     headers = gateway.headers("alice", scopes="convai:session")
