@@ -8,9 +8,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-import redis as sync_redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from service.errors import ServiceUnavailable
 from service.ratelimit import (
@@ -135,22 +132,26 @@ async def test_failed_probe_reopens_the_circuit(client: object, redis_server: Re
 
 
 def start_debug_sleep(port: int, seconds: float) -> socket.socket:
-    """Send DEBUG SLEEP on a raw connection and return once Redis is observably busy with it."""
+    """Send DEBUG SLEEP on a raw connection and return once Redis is observably busy with it.
+
+    The probe is a bare PING on a raw socket (no client handshake), so a test counting the commands a
+    client sent during the sleep (INFO commandstats) can leave out just PING, DEBUG and its own INFO.
+    """
     sock = socket.create_connection(("127.0.0.1", port))
     arg = str(seconds).encode()
     sock.sendall(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$%d\r\n%s\r\n" % (len(arg), arg))
-    probe = sync_redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0))
-    try:
-        # Condition wait: a PING that times out proves the single-threaded server is inside the sleep.
+    with socket.create_connection(("127.0.0.1", port)) as probe:
+        probe.settimeout(0.05)
+        # Condition wait: a PING left unanswered proves the single-threaded server is inside the sleep.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
+            probe.sendall(b"PING\r\n")
             try:
-                probe.ping()
-            except sync_redis.TimeoutError:
+                assert probe.recv(64) == b"+PONG\r\n"
+            except TimeoutError:
                 return sock
-        raise AssertionError("DEBUG SLEEP never started")
-    finally:
-        probe.close()
+    sock.close()
+    raise AssertionError("DEBUG SLEEP never started")
 
 
 async def test_slow_redis_times_out_and_falls_back(client: object, redis_server: RedisServer) -> None:
