@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -210,6 +211,16 @@ async def test_gateway_on_a_cluster_mints_and_enforces_ownership(
     assert len(owners) == 1 and '"alice"' in str(owners[0])
 
 
+# What the test itself sends to a node: its INFO reads, and DEBUG SLEEP with its PING probe.
+OWN_COMMANDS = frozenset({"cmdstat_info", "cmdstat_debug", "cmdstat_ping"})
+
+
+def commands_seen(node: sync_redis.Redis) -> Counter[str]:
+    """Return how often `node` has executed each command (INFO commandstats), the test's own left out."""
+    stats = node.info("commandstats")
+    return Counter({name: int(entry["calls"]) for name, entry in stats.items() if name not in OWN_COMMANDS})
+
+
 async def test_a_timed_out_command_is_not_retried(
     cluster: RedisCluster, cluster_nodes: list[RedisServer]
 ) -> None:
@@ -217,24 +228,38 @@ async def test_a_timed_out_command_is_not_retried(
     from service.ratelimit import RateLimiterUnavailable
     from tests.ratelimit.test_resilience import start_debug_sleep
 
-    timeout = 0.5  # the `cluster` fixture's
     limiter = RedisRateLimiter(cluster)
-    hit = Hit(USER, "user:slow")
+    hit = Hit(policy("user-session", limit=100, period=60, burst=100), "user:slow")  # always allowed
     await limiter.acquire([hit])  # topology, connection and script in place
     owner = node_of(cluster_nodes, state_key(hit))
-    port = owner.connection_pool.connection_kwargs["port"]
-    owner.close()
-    sleeper = await asyncio.to_thread(start_debug_sleep, port, 3.0)
     try:
-        started = time.monotonic()
-        with pytest.raises(RateLimiterUnavailable):
-            await limiter.acquire([hit])
-        elapsed = time.monotonic() - started
+        # What one acquire on a warm connection makes the owner execute: EVALSHA and the script's calls.
+        before = commands_seen(owner)
+        await limiter.acquire([hit])
+        one_acquire = commands_seen(owner) - before
+        assert one_acquire["cmdstat_evalsha"] == 1, one_acquire
+
+        port = owner.connection_pool.connection_kwargs["port"]
+        before = commands_seen(owner)
+        # Every attempt is sent while the node sleeps (one sent after it woke would be answered, not time
+        # out), and the node executes them all the moment it wakes, their connections closed or not.
+        sleeper = await asyncio.to_thread(start_debug_sleep, port, 3.0)
+        try:
+            with pytest.raises(RateLimiterUnavailable):
+                await limiter.acquire([hit])
+        finally:
+            await asyncio.to_thread(sleeper.recv, 64)  # "+OK": the node is awake
+            sleeper.close()
+        # Condition wait, bounded: the commands queued during the sleep run as the node wakes.
+        deadline = time.monotonic() + 5
+        while (seen := commands_seen(owner) - before)["cmdstat_evalsha"] == 0:
+            assert time.monotonic() < deadline, "the timed-out EVALSHA never reached its node"
+            await asyncio.sleep(0.01)
+        # Exactly one acquire's worth: a retry would add a second EVALSHA, or the handshake (HELLO) of
+        # the fresh connection it needs.
+        assert seen == one_acquire
     finally:
-        await asyncio.to_thread(sleeper.recv, 64)
-        sleeper.close()
-    # One attempt takes the timeout; a retry would take at least twice as long.
-    assert elapsed < 1.8 * timeout, f"a {timeout * 1000:.0f} ms budget took {elapsed * 1000:.0f} ms"
+        owner.close()
 
 
 async def test_gateway_starts_while_the_cluster_is_down(
