@@ -102,6 +102,14 @@ async def test_deeply_nested_json_is_a_malformed_response() -> None:
     assert outcomes(h, "get") == ["malformed"]
 
 
+async def test_a_body_that_is_not_utf8_is_a_malformed_response() -> None:
+    # RFC 8259: JSON between systems is UTF-8.
+    body = b'{"conversations":[],"has_more":false,"note":"caf\xe9"}'
+    async with raw_upstream(answering(body)) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.list_conversations([])
+
+
 async def test_a_reason_phrase_that_is_not_utf8_is_ignored() -> None:
     # RFC 9112 allows obs-text (bytes 0x80-0xFF) in a reason phrase.
     async with raw_upstream(answering(PAGE, status=b"200 D\xe9j\xe0 vu")) as url, harness(url) as h:
