@@ -144,10 +144,8 @@ def _inflate(raw: bytes, coding: str, limit: int, request: httpx.Request) -> byt
     if coding in ("gzip", "x-gzip"):
         wbits = [zlib.MAX_WBITS | 16]
     elif coding == "deflate":
-        wbits = [
-            zlib.MAX_WBITS,
-            -zlib.MAX_WBITS,
-        ]  # zlib-wrapped as RFC 9110 says, or raw as some servers send
+        # zlib-wrapped as RFC 9110 says, or raw as some servers send it.
+        wbits = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
     else:
         raise UnreadableBody(f"unsupported content coding {coding[:32]!r}", request=request)
     for bits in wbits:
@@ -223,8 +221,7 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         proxy: str | None = None,
         max_body_bytes: int = MAX_JSON_BODY_BYTES,
     ) -> None:
-        """Use `limits` for the pool, `proxy` (http://[user:password@]host:port) for every request, and
-        refuse whole-read bodies over `max_body_bytes` once decoded."""
+        """Pool with `limits`, send through `proxy` (http://[user:password@]host:port), cap read-whole bodies."""
         self._limits = limits
         self._max_body_bytes = max_body_bytes
         self._proxy: str | None = None
