@@ -279,7 +279,13 @@ async def get_conversation_audio(request: Request) -> Response:
     if audio.content_length is not None and audio.content_length >= 0:
         headers["Content-Length"] = str(audio.content_length)
     content_type = audio.content_type if _CONTENT_TYPE.fullmatch(audio.content_type or "") else None
-    return UpstreamAudioResponse(audio, stack, headers=headers, media_type=content_type or "audio/mpeg")
+    return UpstreamAudioResponse(
+        audio,
+        stack,
+        headers=headers,
+        media_type=content_type or "audio/mpeg",
+        send_timeout=services.settings.upstream_audio_read_timeout,
+    )
 
 
 class UpstreamAudioResponse(Response):
@@ -292,13 +298,15 @@ class UpstreamAudioResponse(Response):
         *,
         headers: Mapping[str, str],
         media_type: str,
+        send_timeout: float,
     ) -> None:
-        """Wrap an entered upstream audio stream; `closer` exits it."""
+        """Wrap an entered upstream audio stream; `closer` exits it; a listener stalled `send_timeout` s is cut."""
         self.status_code = 200
         self.media_type = media_type
         self.background = None
         self._audio = audio
         self._closer = closer
+        self._send_timeout = send_timeout
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -334,8 +342,15 @@ class UpstreamAudioResponse(Response):
                 # enough for the cancellation alone to land, and a server's send after a disconnect is a no-op.
                 if gone.is_set():
                     return
-                if chunk:
+                if not chunk:
+                    continue
+                # A listener that stops reading holds an upstream connection and one of the replica's
+                # UPSTREAM_MAX_AUDIO_STREAMS places; once the server's buffers are full, a send waits for it.
+                with anyio.move_on_after(self._send_timeout) as waited:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if waited.cancelled_caught:
+                    logger.info("audio listener accepted nothing for %.0f s; stream cut", self._send_timeout)
+                    return
         except GatewayError as exc:
             # Headers are gone: the only honest signal left is an incomplete body (the server drops the
             # connection when the app returns without finishing the response).

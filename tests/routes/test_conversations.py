@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -816,3 +817,29 @@ async def test_client_disconnect_closes_the_upstream_audio_stream(redis_url: str
             sent_at_close = upstream.bytes_sent
             assert await asyncio.to_thread(upstream.closed.wait, 15), "upstream stream left open"
             assert upstream.bytes_sent - sent_at_close < 64 * 1024 * 1024
+
+
+async def test_a_listener_that_stops_reading_is_cut_off_and_upstream_released(redis_url: str) -> None:
+    # Without a deadline on sends, a client that never reads held the upstream stream (and an audio place)
+    # for as long as it kept the connection open.
+    upstream = EndlessAudioUpstream()
+    with serve(upstream, lifespan="off") as upstream_server:
+        env = gateway_env(
+            upstream_server.url,
+            EMULATOR_API_KEY,
+            redis_url,
+            OWNERSHIP_MODE="user_id",
+            UPSTREAM_AUDIO_READ_TIMEOUT_SECONDS="0.5",
+        )
+        with serve(create_app(load_settings(env))) as gateway_server:
+            with socket.create_connection(("127.0.0.1", gateway_server.port), timeout=10) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                token = _token("alice")["Authorization"]
+                sock.sendall(
+                    f"GET {LIST}/conv_endless/audio HTTP/1.1\r\nHost: gateway\r\nAuthorization: {token}\r\n\r\n".encode()
+                )
+                assert sock.recv(12) == b"HTTP/1.1 200"
+                # The client now reads nothing more but keeps the connection open.
+                assert await asyncio.to_thread(upstream.closed.wait, 10), (
+                    "a stalled listener kept upstream open"
+                )
