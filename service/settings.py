@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -378,6 +379,7 @@ _PEM_DEFAULT_ALGORITHM: Mapping[str, str] = {
     "EC:P-384": "ES384",
     "OKP:Ed25519": "EdDSA",
 }
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,127}")
 _JWKS_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")  # DESIGN section 2
 
 
@@ -517,8 +519,14 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             reader.problems.append(f"{where}.hs256_secret_env: must be the name of a variable (a string)")
         elif secret_env is not None:
             value = reader.raw(secret_env)
-            if value is None:
+            if value is None and _CONVENTIONAL_ENV_NAME.fullmatch(secret_env):
                 reader.problems.append(f"{where}.hs256_secret_env: variable {secret_env} is not set")
+            elif value is None:
+                # Not echoed: what stands here instead of a variable's name is most likely the secret itself.
+                reader.problems.append(
+                    f"{where}.hs256_secret_env: no such variable is set; it must name an environment variable "
+                    "(A-Z, 0-9, _), never hold the secret"
+                )
             secret = _hs256_secret(reader, secret_env, value)
         jwks = _jwks_url(reader, f"{where}.jwks_url", entry.get("jwks_url"))
         pem, pem_family = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))

@@ -292,6 +292,15 @@ def test_bad_toml_names_the_key(tmp_path: Path, toml: str, fragment: str) -> Non
     assert any(fragment in p for p in found), found
 
 
+def test_a_secret_pasted_as_the_variable_name_is_never_echoed(tmp_path: Path) -> None:
+    pasted = "e78e16pasted0by0mistake0123456789abcdef"  # what `secrets.token_hex` gives
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[issuers]]\nissuer = "partner"\nhs256_secret_env = "{pasted}"\n')
+    found = problems({**GOOD, "GATEWAY_CONFIG": str(config)})
+    assert any("hs256_secret_env: no such variable is set" in p for p in found), found
+    assert not any(pasted in p for p in found), found
+
+
 # A truncated Ed25519 key: it has the BEGIN PUBLIC KEY line, but its body does not parse.
 CORRUPT_PEM = b"-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n"
 WITHOUT_ENV_ISSUER = {k: v for k, v in GOOD.items() if k != "JWT_HS256_SECRET"}
