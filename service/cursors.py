@@ -21,12 +21,14 @@ import json
 import logging
 import re
 
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, UpstreamError
 
 logger = logging.getLogger("service.cursors")
 
 KEY_CONTEXT = b"convai-gateway cursor v1"
-MAX_CURSOR_LENGTH = 2048
+# Sealing adds ~580 characters to upstream's cursor (whose length the reference does not bound): room for
+# an upstream cursor of ~5.6 KB; a longer one is refused when sealed (502), never handed out dead.
+MAX_CURSOR_LENGTH = 8192
 _USER_TAG_BYTES = 16
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -67,7 +69,11 @@ class CursorSealer:
         """Return the client cursor wrapping `upstream_cursor` for `user_id`."""
         body = json.dumps({"u": self._user_tag(user_id), "c": upstream_cursor}, separators=(",", ":"))
         payload = _b64encode(body.encode("utf-8"))
-        return f"{payload}.{_b64encode(self._mac(payload))}"
+        sealed = f"{payload}.{_b64encode(self._mac(payload))}"
+        if len(sealed) > MAX_CURSOR_LENGTH:
+            # Handed out, the client could never use it: open() refuses anything this long.
+            raise UpstreamError("upstream returned a cursor too long to hand on")
+        return sealed
 
     def open(self, user_id: str, cursor: str) -> str:
         """Return the upstream cursor inside `cursor`, or raise InvalidCursor if it is not this caller's."""

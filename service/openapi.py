@@ -13,6 +13,8 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Route
 
+from service.cursors import MAX_CURSOR_LENGTH
+
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
@@ -103,7 +105,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="List the caller's conversations (user_id is forced to the caller)",
         scope="convai:history",
         parameters=(
-            _query("cursor", {"type": "string", "maxLength": 2048}),
+            _query("cursor", {"type": "string", "maxLength": MAX_CURSOR_LENGTH}),
             _query("agent_id", _ID),
             _query("call_successful", {"type": "string", "enum": ["success", "failure", "unknown"]}),
             # The maxima are the gateway's own bounds (service.routes.conversations._INTEGER_BOUNDS).
@@ -152,7 +154,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="Get one of the caller's conversations, redacted",
         scope="convai:history",
         parameters=(_CONVERSATION_PATH,),
-        responses={"200": _json({"type": "object"}), **_ERRORS_OWNED},
+        responses={"200": _json({}), **_ERRORS_OWNED},  # upstream's answer, any JSON
         tags=("conversations",),
     ),
     ("GET", "/v1/convai/conversations/{conversation_id}/audio"): Operation(
@@ -186,7 +188,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             },
         },
         responses={
-            "200": _json({"type": "object"}),
+            "200": _json({}),  # upstream's answer, any JSON ({} when it sends none)
             "413": {"$ref": "#/components/responses/Invalid"},
             "415": {"$ref": "#/components/responses/Invalid"},
             **_ERRORS_OWNED,
@@ -197,7 +199,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         summary="Delete one of the caller's conversations",
         scope="convai:delete",
         parameters=(_CONVERSATION_PATH,),
-        responses={"200": _json({"type": "object"}), **_ERRORS_OWNED},
+        responses={"200": _json({}), **_ERRORS_OWNED},  # upstream's answer, any JSON
         tags=("conversations",),
     ),
     ("GET", "/healthz"): Operation(

@@ -577,9 +577,9 @@ class UpstreamClient:
             # Over the size limit, or a content coding that does not decode.
             self._malformed(endpoint, self._clock() - started, exc)
         if not response.content and method != "GET":
-            # Feedback and delete are documented as "any JSON"; an empty body carries no shape to check.
+            # Feedback and delete are documented as "any JSON"; an empty body is answered as {}.
             self._record(endpoint, "ok", self._clock() - started)
-            return None
+            return {}
         if self._api_key is not None and self._api_key in response.content:
             # An upstream or an intermediary echoing the request's headers: routes pass unknown fields through,
             # so the key would reach the caller.

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.cursors import MAX_CURSOR_LENGTH, CursorSealer, InvalidCursor
-from service.errors import InvalidRequest, error_response
+from service.errors import InvalidRequest, UpstreamError, error_response
 
 API_KEY = "xi-test-key-0123456789abcdef"
 
@@ -114,3 +114,12 @@ def test_any_cursor_round_trips_and_binds_to_its_user(upstream: str, user: str, 
     if other != user:
         with pytest.raises(InvalidCursor):
             sealer.open(other, sealed)
+
+
+def test_a_cursor_too_long_to_open_is_never_sealed() -> None:
+    sealer = CursorSealer(API_KEY)
+    longest = sealer.seal("alice", "c" * 5_500)
+    assert len(longest) <= MAX_CURSOR_LENGTH
+    assert sealer.open("alice", longest) == "c" * 5_500
+    with pytest.raises(UpstreamError, match="cursor too long"):
+        sealer.seal("alice", "c" * 6_500)

@@ -132,14 +132,16 @@ def _data_collection_param(value: str) -> str:
     parts = value.split(":", 2)
     problem = InvalidRequest(
         "data_collection_params must be id:op:value with op in "
-        f"{'|'.join(DATA_COLLECTION_OPS)} (exists/missing take no value; in takes a|b|c)",
+        f"{'|'.join(DATA_COLLECTION_OPS)} (exists/missing ignore their value; in takes a|b|c)",
         extra={"parameter": "data_collection_params"},
     )
     if len(parts) < 2 or not validation.is_valid_id(parts[0]) or parts[1] not in DATA_COLLECTION_OPS:
         raise problem
     op = parts[1]
     if op in VALUELESS_OPS:
-        if len(parts) != 2:
+        # The reference's form is id:op:value for every op; exists/missing ignore their value (may be empty),
+        # and the two-part id:op is accepted too. Passed on unchanged.
+        if len(parts) == 3 and (len(parts[2]) > MAX_FILTER_VALUE_LENGTH or not parts[2].isprintable()):
             raise problem
         return value
     if len(parts) != 3:
@@ -379,7 +381,7 @@ async def send_feedback(request: Request) -> Response:
         with uniform_not_found():
             result = await services.upstream.send_feedback(conversation_id, feedback)
     _audit("feedback_sent", principal, conversation_id, agent_id, feedback=feedback)
-    return _json(result if isinstance(result, dict) else {}, headers)
+    return _json(result, headers)  # upstream's answer as it is: the reference documents "any type"
 
 
 async def _feedback_body(request: Request) -> str | None:
@@ -436,7 +438,7 @@ async def delete_conversation(request: Request) -> Response:
         # The conversation is gone upstream; a leftover entry grants nothing and expires with its TTL.
         logger.warning("ledger entry not removed after delete: %s", type(exc).__name__)
     _audit("conversation_deleted", principal, conversation_id, agent_id)
-    return _json(result if isinstance(result, dict) else {}, headers)
+    return _json(result, headers)  # upstream's answer as it is: the reference documents "any type"
 
 
 # ------------------------------------------------------------------------------------------- helpers

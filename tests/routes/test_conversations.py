@@ -601,7 +601,7 @@ INVALID_LIST_QUERIES: list[Query] = [
     [("data_collection_params", "city:like:Oslo")],
     [("data_collection_params", "city:eq")],
     [("data_collection_params", "city:eq:")],
-    [("data_collection_params", "city:exists:yes")],
+    [("data_collection_params", "city:exists:line\nbreak")],
     [("data_collection_params", "city:in:a||b")],
     [("data_collection_params", "ci/ty:eq:Oslo")],
     [("data_collection_params", "city:eq:" + "x" * 201)],
