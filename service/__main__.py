@@ -108,27 +108,19 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _port_number(value: str) -> int:
-    """Parse a --port value: an integer from 1 to 65535 (as PORT is checked)."""
-    number = _integer(value)
-    if not 1 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {number}")
-    return number
+def _integer_between(low: int, high: int) -> Callable[[str], int]:
+    """Return an argparse type accepting the integers from `low` to `high` (as settings check PORT)."""
 
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {number}")
+        return number
 
-def _worker_count(value: str) -> int:
-    """Parse a --workers value: an integer from 1 to 64."""
-    number = _integer(value)
-    if not 1 <= number <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 64, got {number}")
-    return number
-
-
-def _integer(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    return parse
 
 
 def _redis_description(settings: Settings) -> str:
@@ -398,9 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the production server from the environment")
     serve.add_argument("--host", default=None, help="bind address (default: HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=_port_number, default=None, help="port (default: PORT or 8080)")
     serve.add_argument(
-        "--workers", type=_worker_count, default=1, help="worker processes (default 1, at most 64)"
+        "--port", type=_integer_between(1, 65535), default=None, help="port (default: PORT or 8080)"
+    )
+    serve.add_argument(
+        "--workers", type=_integer_between(1, 64), default=1, help="worker processes (default 1, at most 64)"
     )
     serve.add_argument(
         "--graceful-timeout", type=int, default=20, help="seconds to finish in-flight requests"

@@ -368,10 +368,7 @@ async def answer_early_errors(
     *,
     cancelled: Callable[[], Response] | None = None,
 ) -> None:
-    """Run `app`; answer an exception raised before its response started with `answer(exc)` (None re-raises).
-
-    With `cancelled`, a cancellation before the response started is answered with `cancelled()` too.
-    """
+    """Run `app`; answer an exception (or, with `cancelled`, a cancellation) raised before its response started."""
     started = False
 
     async def send_tracking(message: Message) -> None:

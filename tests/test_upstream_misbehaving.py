@@ -178,6 +178,21 @@ async def test_no_retry_beyond_the_configured_count_on_a_hang_up() -> None:
     assert len(requests) == 1
 
 
+async def test_a_body_cut_short_is_a_bad_gateway() -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"conv'
+        )
+        await writer.drain()  # then the hang-up
+
+    async with raw_upstream(cut_short) as url, harness(url) as h:
+        with pytest.raises(UpstreamError) as caught:
+            await h.client.list_conversations([])
+    assert type(caught.value) is UpstreamError and caught.value.status == 502
+    assert outcomes(h, "list") == ["transport_error"]
+
+
 # --- bodies: bounded once decoded, decoded only when they can be ------------------------------------------
 
 
