@@ -8,6 +8,7 @@ borrows service.jwks's key rule when it runs, so a key `check-config` accepts is
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -584,7 +585,13 @@ def _rate_limits(reader: _Reader, data: Any) -> dict[str, RateLimitPolicy]:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             reader.problems.append(f"{where}.limit: must be a positive integer")
             continue
-        if not isinstance(period, int | float) or isinstance(period, bool) or period <= 0:
+        # TOML has nan and inf: neither is a period (GCRA would answer every request with a NaN Retry-After).
+        if (
+            not isinstance(period, int | float)
+            or isinstance(period, bool)
+            or not math.isfinite(period)
+            or period <= 0
+        ):
             reader.problems.append(f"{where}.period_seconds: must be a positive number")
             continue
         if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:

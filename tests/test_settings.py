@@ -264,6 +264,10 @@ sentinel_service = "mymaster"
             "rate_limits.user-session.limit: must be a positive integer",
         ),
         ("[rate_limits.user-session]\nperiod_seconds = -1\n", "period_seconds: must be a positive number"),
+        # TOML's nan and inf passed the `<= 0` check, and every request of the policy's routes was a 500
+        # (GCRA turned them into a NaN Retry-After).
+        ("[rate_limits.user-session]\nperiod_seconds = nan\n", "period_seconds: must be a positive number"),
+        ("[rate_limits.user-history]\nperiod_seconds = inf\n", "period_seconds: must be a positive number"),
         ("[rate_limits.user-session]\nshadow = 'yes'\n", "shadow: must be true or false"),
         ('[[issuers]]\nissuer = "x"\n', "issuers[0]: needs hs256_secret_env, jwks_url or public_key_file"),
         ('[[issuers]]\nhs256_secret_env = "NOPE"\n', "variable NOPE is not set"),
