@@ -424,8 +424,10 @@ def _user_id(claims: Mapping[str, Any], claim: str) -> str:
     if (
         not isinstance(value, str)
         or len(value) > MAX_USER_ID_LENGTH
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+        or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
     ):
+        # A lone surrogate (JSON's "\ud800") is no character UTF-8 can carry: Redis keys, logs and the
+        # upstream query would each replace it (another user's rate-limit bucket) or fail on it (a 500).
         raise AuthenticationFailed(f"invalid claim: {claim}")
     return value
 

@@ -22,7 +22,10 @@ from service.ratelimit import (
 )
 from service.settings import RateLimitPolicy, Secret, Settings
 from tests.ratelimit.conftest import ManualClock, policy
+from tests.support.gateway import Gateway
 from tests.support.servers import RedisServer
+
+AGENT = {"agent_id": "agent_demo"}
 
 Factory = Callable[..., RateLimiter]
 
@@ -269,6 +272,23 @@ async def test_hostile_subjects_cannot_move_the_hash_tag() -> None:
         key = state_key(hit)
         assert key.count("{") == 1 and key.count("}") == 1 and len(key) < 80
     assert state_key(evil) != state_key(Hit(policy(), "user:a}b{d"))
+
+
+async def test_a_user_id_no_utf8_can_carry_gets_401_not_a_500_or_another_users_budget(
+    make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]],
+) -> None:
+    # JSON's "\ud800" escape gives a lone surrogate: Redis keys are UTF-8 with bad characters replaced,
+    # so "\ud800" counted in the bucket of user "?", and a subject hashed for its braces raised (500).
+    mint = "/v1/convai/conversation/get-signed-url"
+    async with make_gateway() as gateway:
+        for _ in range(5):  # user-session's burst
+            assert (
+                await gateway.client.get(mint, params=AGENT, headers=gateway.headers("?"))
+            ).status_code == 200
+        for sub in ("\ud800", "{\ud800}", "ok\udfff"):
+            response = await gateway.client.get(mint, params=AGENT, headers=gateway.headers(sub))
+            assert response.status_code == 401, (sub, response.status_code)
+            assert response.json()["code"] == "invalid_token"
 
 
 async def test_local_limiter_memory_is_bounded(clock: ManualClock) -> None:
