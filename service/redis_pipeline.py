@@ -8,9 +8,10 @@ to fill: a batch leaves at the end of the loop turn in which its first command w
 holds `pipeline_limit` commands, so a lone command pays one extra loop turn and no timer.
 
 What each command keeps: its own reply or its own command error (a NOSCRIPT reaches only the script's
-caller, never its neighbours); the socket timeout bounds each reply read, as before. A connection error or a
-timeout fails every command of its batch, as it would have failed each of them on that connection; the
-client's retry policy retries the batch like a single command. Blocking commands (BLPOP...) must not be sent
+caller, never its neighbours; an argument that cannot be encoded fails its caller before it is queued); the
+socket timeout bounds each reply read, as before. A connection error or a timeout fails every command of its
+batch, as it would have failed each of them on that connection; the client's retry policy retries the batch
+like a single command. Blocking commands (BLPOP...) must not be sent
 through it, and it never sees the commands bound to one connection: `pipeline()` (MULTI/WATCH) and
 `pubsub()` bypass `execute_command`.
 """
@@ -40,9 +41,15 @@ class PipeliningRedis(Redis):
         self._queued: list[_Queued] = []
         self._send_scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._encoder = self.connection_pool.get_encoder()  # type: ignore[no-untyped-call]
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Queue a command for this loop turn's pipeline and return its reply (or raise its error)."""
+        # An argument redis-py cannot encode (None, a bool, a dict) raises DataError here, for its own caller:
+        # raised while the batch was packed, it failed every other command of the batch too.
+        for arg in args:
+            if not isinstance(arg, str | bytes):
+                self._encoder.encode(arg)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         self._queued.append((args, options, reply))

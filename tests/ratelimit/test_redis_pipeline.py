@@ -11,7 +11,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.redis_client import close_redis, create_redis
@@ -107,6 +107,21 @@ async def test_a_command_error_reaches_only_its_caller(
     assert replies[0] is True and replies[3] == "1"
     assert isinstance(replies[1], NoScriptError)
     assert isinstance(replies[2], ResponseError) and "not an integer" in str(replies[2])
+
+
+async def test_an_argument_redis_cannot_encode_fails_only_its_caller(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    admin.set("a", "1")
+    client = make_client()
+    # Packing the batch raised DataError for every command of it: the neighbours of one bad call failed too
+    # (and each failure fed the limiter's circuit breaker as if Redis were down).
+    replies = await asyncio.gather(
+        client.get("a"), client.set("b", None), client.set("c", "3"), return_exceptions=True
+    )
+    assert replies[0] == "1" and replies[2] is True, replies
+    assert isinstance(replies[1], DataError)
+    assert admin.mget(["b", "c"]) == [None, "3"]
 
 
 async def test_a_cancelled_caller_leaves_the_others_and_the_connection_intact(
