@@ -186,6 +186,101 @@ expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0
 expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
 expect_render_failure "a chart-managed name in extraEnv" --set config.extraEnv.PORT=9000
 expect_render_failure "a secret-looking name in extraEnv" --set config.extraEnv.PARTNER_HS256_SECRET=x
+expect_render_failure "a name the chart sets, again in extraEnv" --set config.extraEnv.LOG_LEVEL=DEBUG
+expect_render_failure "a name the chart sets, again in extraKeys" --set 'secret.extraKeys={REDIS_URL}'
+
+step "no value can set a name the chart sets itself (duplicate keys in the rendered manifests)"
+# A ConfigMap or Secret key, an env var or a mounted file name that the chart already sets, given again
+# through extraEnv, extraData, extraKeys or publicKeys, renders a manifest with a duplicate key: depending on
+# the client it is refused at install time, or the last one silently wins over the value the schema checked.
+"$PY" - "$WORK" "$CHART" <<'PY'
+import copy, json, os, sys
+
+import jsonschema
+import yaml
+
+work, chart = sys.argv[1:3]
+failures: list[str] = []
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with the same key twice (PyYAML keeps the last one)."""
+
+
+def _mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+renders = ("default", "full-values", "cluster-existing-secret-values", "sentinel-password-values")
+docs: dict[str, list[dict]] = {}
+for name in renders:
+    try:
+        docs[name] = [d for d in yaml.load_all(open(os.path.join(work, f"{name}.yaml")), UniqueKeyLoader) if d]
+    except yaml.YAMLError as exc:
+        failures.append(f"{name} render: {exc}")
+if failures:
+    sys.exit("\n".join(["rendered manifests with duplicate keys:"] + [f"  - {f}" for f in failures]))
+
+values = yaml.safe_load(open(os.path.join(chart, "values.yaml")))
+validator = jsonschema.Draft7Validator(json.load(open(os.path.join(chart, "values.schema.json"))))
+
+
+def accepted(path: tuple[str, ...], value: object) -> bool:
+    candidate = copy.deepcopy(values)
+    node = candidate
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return validator.is_valid(candidate)
+
+
+# What the chart sets itself, taken from the renders (so a name added to a template is covered at once).
+env_names: set[str] = set()
+secret_keys: set[str] = set()
+file_keys: set[str] = set()
+for name, rendered in docs.items():
+    for d in rendered:
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-env"):
+            env_names |= set(d["data"])
+        elif d["kind"] == "ConfigMap":
+            file_keys |= set(d["data"])
+        elif d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                for var in c.get("env", []):
+                    ref = var.get("valueFrom", {}).get("secretKeyRef")
+                    (secret_keys if ref else env_names).add(var["name"])
+# ... less what the CI values themselves pass through extraEnv, extraData, extraKeys and publicKeys.
+for ci_file in sorted(os.listdir(os.path.join(chart, "ci"))):
+    ci = yaml.safe_load(open(os.path.join(chart, "ci", ci_file)))
+    env_names -= set(ci.get("config", {}).get("extraEnv", {}))
+    secret_keys -= set(ci.get("secret", {}).get("extraData", {})) | set(ci.get("secret", {}).get("extraKeys", []))
+    file_keys -= set(ci.get("gatewayToml", {}).get("publicKeys", {}))
+secret_keys |= {"ELEVENLABS_API_KEY"}  # a Secret key the chart mounts as a file
+print(f"chart-managed: {len(env_names)} env names, secret keys {sorted(secret_keys)}, files {sorted(file_keys)}")
+
+for env in sorted(env_names | secret_keys):
+    if accepted(("config", "extraEnv"), {env: "x"}):
+        failures.append(f"config.extraEnv.{env} is accepted but the chart sets {env} itself")
+for key in sorted(secret_keys | env_names):
+    if accepted(("secret", "extraData"), {key: "x"}):
+        failures.append(f"secret.extraData.{key} is accepted but the chart sets {key} itself")
+    if accepted(("secret", "extraKeys"), [key]):
+        failures.append(f"secret.extraKeys [{key}] is accepted but the chart sets {key} itself")
+for key in sorted(file_keys):
+    if accepted(("gatewayToml", "publicKeys"), {key: "-----BEGIN PUBLIC KEY-----\n"}):
+        failures.append(f"gatewayToml.publicKeys.{key} is accepted but the chart writes {key} itself")
+if failures:
+    sys.exit("\n".join(["values that would duplicate a chart-managed key:"] + [f"  - {f}" for f in failures]))
+print("every render is free of duplicate keys, and the schema refuses every chart-managed name")
+PY
 
 step "url mode with an existing Secret requires its REDIS_URL key"
 # Optional, a missing or misspelt key would leave every replica with its own limits and ledger, silently.
