@@ -321,6 +321,13 @@ for kube in "${KUBE_VERSIONS[@]}"; do
     done
 done
 
+# A Service exposed outside the cluster must never carry the metrics port (README: /metrics stays off the
+# public port): rendered with full-values' ServiceMonitor on, and with metrics.port 0 (no metrics port at all).
+"$BIN/helm" template convai-gateway "$CHART" --namespace convai -f "$CHART/ci/full-values.yaml" \
+    --set service.type=LoadBalancer >"$WORK/loadbalancer.yaml"
+"$BIN/helm" template convai-gateway "$CHART" --namespace convai -f "$CHART/ci/full-values.yaml" \
+    --set service.type=NodePort --set metrics.port=0 >"$WORK/nodeport-metrics-on-http.yaml"
+
 step "rendered chart: structure, ServiceMonitor, and config accepted by service.settings"
 "$PY" - "$WORK" <<'PY'
 """Check the renders beyond the Kubernetes schema: the security posture the chart promises, the
@@ -466,15 +473,33 @@ def posture(docs: list[dict], name: str) -> None:
                 check("dev-only" not in value and "placeholder" not in value, f"{name}: secret in ConfigMap {key}")
 
 
+def service_monitors(docs: list[dict], name: str) -> None:
+    """Each ServiceMonitor selects Services that all carry its port, and no Service reachable from outside
+    the cluster (NodePort, LoadBalancer) carries the separate metrics port."""
+    services = [d for d in docs if d["kind"] == "Service"]
+    for svc in services:
+        if svc["spec"].get("type", "ClusterIP") != "ClusterIP":
+            ports = svc["spec"]["ports"]
+            targets = {str(p.get("targetPort")) for p in ports} | {p.get("name") for p in ports}
+            where = f"{svc['spec']['type']} Service {svc['metadata']['name']}"
+            check("metrics" not in targets, f"{name}: {where} exposes the metrics port")
+    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+        wanted = sm["spec"]["selector"]["matchLabels"].items()
+        selected = [s for s in services if wanted <= s["metadata"]["labels"].items()]
+        port = sm["spec"]["endpoints"][0]["port"]
+        check(bool(selected), f"{name}: the ServiceMonitor selects no Service")
+        for svc in selected:
+            ports = {p["name"] for p in svc["spec"]["ports"]}
+            check(port in ports, f"{name}: ServiceMonitor port {port} not on the Service {svc['metadata']['name']}")
+        names = [s["metadata"]["name"] for s in selected]
+        print(f"{name}: ServiceMonitor valid (embedded schema; port {port} of {names})")
+
+
 def expect_ok(name: str) -> Settings | None:
     docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{name}.yaml"))) if d]
     posture(docs, name)
-    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
-        jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
-        svc = next(d for d in docs if d["kind"] == "Service")
-        ports = {p["name"] for p in svc["spec"]["ports"]}
-        check(sm["spec"]["endpoints"][0]["port"] in ports, f"{name}: ServiceMonitor port not on the Service")
-        print(f"{name}: ServiceMonitor valid (embedded schema; port {sm['spec']['endpoints'][0]['port']})")
+    service_monitors(docs, name)
     env = materialize(docs, name)
     try:
         settings = load_settings(env)
@@ -490,6 +515,8 @@ def expect_ok(name: str) -> Settings | None:
 
 
 expect_ok("full-values")
+for exposed in ("loadbalancer", "nodeport-metrics-on-http"):
+    service_monitors([d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d], exposed)
 expect_ok("cluster-existing-secret-values")
 sentinel = expect_ok("sentinel-password-values")
 # The primary's password and database travel in REDIS_URL; without it every command is refused (NOAUTH).

@@ -152,3 +152,14 @@ sentinel_service = {{ .Values.redis.sentinel.serviceName | toJson }}
 cluster = true
 {{- end }}
 {{- end }}
+
+{{- define "convai-gateway.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "convai-gateway.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The label that tells the metrics Service from the main one (the ServiceMonitor selects on it).
+*/}}
+{{- define "convai-gateway.metricsServiceLabel" -}}
+convai-gateway/service: metrics
+{{- end }}
