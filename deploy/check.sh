@@ -181,6 +181,7 @@ expect_render_failure "delete scope as a default" --set config.jwt.defaultScopes
 expect_render_failure "short HS256 secret" --set secret.jwtHs256Secret=short
 expect_render_failure "unknown rate-limit policy" --set gatewayToml.rateLimits.user-typo.limit=1
 expect_render_failure "metrics port equals http port" --set metrics.port=8080
+expect_render_failure "a listen address the probes cannot reach" --set listenAddress=127.0.0.1
 expect_render_failure "grace period shorter than the drain" --set terminationGracePeriodSeconds=20
 expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0].hs256SecretEnv=NOPE'
 expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
@@ -327,6 +328,9 @@ done
     --set service.type=LoadBalancer >"$WORK/loadbalancer.yaml"
 "$BIN/helm" template convai-gateway "$CHART" --namespace convai -f "$CHART/ci/full-values.yaml" \
     --set service.type=NodePort --set metrics.port=0 >"$WORK/nodeport-metrics-on-http.yaml"
+# An IPv6-only cluster: pod IPs, probes and Service traffic are IPv6, so the gateway must bind "::".
+"$BIN/helm" template convai-gateway "$CHART" --namespace convai -f "$CHART/ci/full-values.yaml" \
+    --set listenAddress=:: >"$WORK/ipv6.yaml"
 
 step "rendered chart: structure, ServiceMonitor, and config accepted by service.settings"
 "$PY" - "$WORK" <<'PY'
@@ -518,6 +522,8 @@ expect_ok("full-values")
 for exposed in ("loadbalancer", "nodeport-metrics-on-http"):
     service_monitors([d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d], exposed)
 expect_ok("cluster-existing-secret-values")
+ipv6 = expect_ok("ipv6")
+check(ipv6 is not None and ipv6.host == "::", "ipv6: listenAddress :: does not reach the gateway's HOST")
 sentinel = expect_ok("sentinel-password-values")
 # The primary's password and database travel in REDIS_URL; without it every command is refused (NOAUTH).
 check(
