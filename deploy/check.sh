@@ -471,6 +471,11 @@ def posture(docs: list[dict], name: str) -> None:
     check(gw["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{name}: readiness /readyz")
     check(gw["startupProbe"]["httpGet"]["path"] == "/healthz", f"{name}: startup probe")
     check("preStop" in gw.get("lifecycle", {}), f"{name}: preStop drain")
+    # /readyz includes Redis (DESIGN), so a Redis outage makes every pod unready at once; with the default
+    # unhealthyPodEvictionPolicy (IfHealthyBudget) the PDB then refuses every eviction and node drains stall.
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        policy = pdb["spec"].get("unhealthyPodEvictionPolicy")
+        check(policy == "AlwaysAllow", f"{name}: PDB unhealthyPodEvictionPolicy {policy} lets unready pods block drains")
     for d in docs:
         if d["kind"] == "ConfigMap":
             for key, value in d["data"].items():
