@@ -331,6 +331,10 @@ done
 # An IPv6-only cluster: pod IPs, probes and Service traffic are IPv6, so the gateway must bind "::".
 "$BIN/helm" template convai-gateway "$CHART" --namespace convai -f "$CHART/ci/full-values.yaml" \
     --set listenAddress=:: >"$WORK/ipv6.yaml"
+for extra in loadbalancer nodeport-metrics-on-http ipv6; do
+    "$BIN/kubernetes-validate" --strict -k "${KUBE_VERSIONS[-1]}" "$WORK/$extra.yaml" >"$WORK/kv.txt" 2>&1 \
+        || { cat "$WORK/kv.txt"; die "kubernetes-validate found invalid manifests ($extra render)"; }
+done
 
 step "rendered chart: structure, ServiceMonitor, and config accepted by service.settings"
 "$PY" - "$WORK" <<'PY'
@@ -525,7 +529,15 @@ def expect_ok(name: str) -> Settings | None:
 
 expect_ok("full-values")
 for exposed in ("loadbalancer", "nodeport-metrics-on-http"):
-    service_monitors([d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d], exposed)
+    docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d]
+    service_monitors(docs, exposed)
+    # Behind an L4 load balancer or a NodePort no proxy adds X-Forwarded-For: with the default
+    # externalTrafficPolicy (Cluster) kube-proxy SNATs every client to a node address, so
+    # ip-auth-failure would count (and then block with 429) all users behind one node as one IP.
+    for svc in (d for d in docs if d["kind"] == "Service" and d["spec"].get("type") != "ClusterIP"):
+        policy = svc["spec"].get("externalTrafficPolicy")
+        where = f"{exposed}: {svc['spec']['type']} Service"
+        check(policy == "Local", f"{where} externalTrafficPolicy {policy} hides client IPs")
 expect_ok("cluster-existing-secret-values")
 ipv6 = expect_ok("ipv6")
 check(ipv6 is not None and ipv6.host == "::", "ipv6: listenAddress :: does not reach the gateway's HOST")
