@@ -92,6 +92,23 @@ missing = [c.rstrip("/").removeprefix("./") for c in copies if c.rstrip("/").rem
 if missing:
     sys.exit(f".dockerignore excludes files the Dockerfile copies: {missing}")
 print(f".dockerignore lets in everything the Dockerfile copies: {sorted(set(copies))}")
+
+# The python:3.11 base images install pip, setuptools and wheel into the system interpreter
+# (/usr/local); the runtime stage must remove them, not only the venv's seeds, or the image ships an
+# installer and the setuptools/wheel versions scanners report (README: "no pip" at runtime).
+text = re.sub(r"\\\n", " ", open("Dockerfile").read())
+runtime = re.split(r"(?im)^FROM\s", text)[-1]
+runs = [line for line in runtime.splitlines() if line.lstrip().upper().startswith("RUN ")]
+uninstalled = {
+    name
+    for run in runs
+    for cmd in re.findall(r"pip uninstall[^&;]*", run)
+    for name in cmd.split()
+}
+missing = {"pip", "setuptools", "wheel"} - uninstalled
+if missing:
+    sys.exit(f"the runtime stage keeps the base image's {sorted(missing)} in /usr/local (pip uninstall them there)")
+print("the runtime stage removes the base interpreter's pip, setuptools and wheel")
 PY
 
 step "image runtime dependencies: every package service/ imports comes with the wheel"
