@@ -200,6 +200,8 @@ expect_render_failure "unknown rate-limit policy" --set gatewayToml.rateLimits.u
 expect_render_failure "metrics port equals http port" --set metrics.port=8080
 expect_render_failure "a listen address the probes cannot reach" --set listenAddress=127.0.0.1
 expect_render_failure "grace period shorter than the drain" --set terminationGracePeriodSeconds=20
+expect_render_failure "a scrape timeout longer than the scrape interval" --set metrics.serviceMonitor.enabled=true \
+    --set metrics.serviceMonitor.interval=5s
 expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0].hs256SecretEnv=NOPE'
 expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
 expect_render_failure "a chart-managed name in extraEnv" --set config.extraEnv.PORT=9000

@@ -163,3 +163,13 @@ The label that tells the metrics Service from the main one (the ServiceMonitor s
 {{- define "convai-gateway.metricsServiceLabel" -}}
 convai-gateway/service: metrics
 {{- end }}
+
+{{/*
+A Prometheus duration of one unit ("500ms", "30s", "2m", "1h"; the schema allows only these) in milliseconds.
+*/}}
+{{- define "convai-gateway.durationMs" -}}
+{{- $n := regexFind "^[0-9]+" . | int64 }}
+{{- $unit := regexFind "(ms|s|m|h)$" . }}
+{{- $factor := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit | int64 }}
+{{- mul $n $factor }}
+{{- end }}
