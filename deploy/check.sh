@@ -593,7 +593,7 @@ if failures:
 PY
 
 # ---- Example configs, compose file, dashboard ----------------------------------------------
-step "deploy/examples/*.toml, deploy/docker-compose.yml and the Grafana dashboard"
+step "deploy/examples/*.toml, deploy/docker-compose.yml, the Grafana dashboard and the README alert rules"
 "$PY" - "$WORK" <<'PY'
 import json, os, re, sys
 
@@ -684,6 +684,30 @@ ids = [p["id"] for p in dash["panels"]]
 if len(ids) != len(set(ids)) or not dash.get("uid"):
     failures.append("dashboard: panel ids must be unique and the dashboard needs a uid")
 print(f"deploy/grafana/convai-gateway.json: {len(exprs)} queries over {len(used)} exported series")
+
+# The alert rules README recommends ("Alerts worth setting"): valid rules, over exported series only.
+from service.routes.conversations import AUDIO_ROUTE
+
+readme = open("README.md").read()
+section = readme.partition("### Alerts worth setting")[2].split("\n### ", 1)[0]
+block = re.search(r"```yaml\n(.*?)```", section, re.S)
+rules = yaml.safe_load(block.group(1))["groups"][0]["rules"] if block else []
+if not rules:
+    failures.append("README: no alert rules found under 'Alerts worth setting'")
+for rule in rules:
+    expr = rule.get("expr", "")
+    if not rule.get("alert") or not expr:
+        failures.append(f"README alert {rule}: needs alert and expr")
+    unknown = set(re.findall(r"\bconvai_gateway_[a-z_]+", expr)) - exported
+    if unknown:
+        failures.append(f"README alert {rule.get('alert')}: metrics the gateway does not export: {sorted(unknown)}")
+    # The request duration runs until the last body byte: a streamed audio download lasts as long as the
+    # client takes to read it, so a latency alert that keeps the audio route fires whenever audio is played.
+    if "convai_gateway_http_request_duration_seconds" in expr:
+        excluded = re.findall(r'route!~"([^"]*)"', expr)
+        if not any(re.fullmatch(rx, AUDIO_ROUTE) for rx in excluded):
+            failures.append(f"README alert {rule.get('alert')}: latency keeps {AUDIO_ROUTE} (a stream)")
+print(f"README: {len(rules)} alert rules over exported series")
 
 if failures:
     sys.exit("\n".join(["checks failed:"] + [f"  - {f}" for f in failures]))
