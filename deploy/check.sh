@@ -603,6 +603,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import CollectorRegistry
 
 from service.observability import Metrics
+from service.routes.conversations import AUDIO_ROUTE
 from service.settings import DEFAULT_RATE_LIMITS, ConfigError, load_settings
 
 work = sys.argv[1]
@@ -680,14 +681,16 @@ used = set(re.findall(r"\bconvai_gateway_[a-z_]+", " ".join(exprs)))
 unknown = used - exported
 if unknown:
     failures.append(f"dashboard queries metrics the gateway does not export: {sorted(unknown)}")
+for expr in exprs:  # whole-service quantiles only; "by (le, route)" shows the audio route on its own
+    if re.search(r"sum by \(le\) \(rate\(convai_gateway_http_request_duration_seconds", expr):
+        if not any(re.fullmatch(rx, AUDIO_ROUTE) for rx in re.findall(r'route!~"([^"]*)"', expr)):
+            failures.append(f"dashboard: whole-service latency keeps the streamed audio route: {expr}")
 ids = [p["id"] for p in dash["panels"]]
 if len(ids) != len(set(ids)) or not dash.get("uid"):
     failures.append("dashboard: panel ids must be unique and the dashboard needs a uid")
 print(f"deploy/grafana/convai-gateway.json: {len(exprs)} queries over {len(used)} exported series")
 
 # The alert rules README recommends ("Alerts worth setting"): valid rules, over exported series only.
-from service.routes.conversations import AUDIO_ROUTE
-
 readme = open("README.md").read()
 section = readme.partition("### Alerts worth setting")[2].split("\n### ", 1)[0]
 block = re.search(r"```yaml\n(.*?)```", section, re.S)
