@@ -396,9 +396,15 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthenticationFailed(f"invalid claim: {name}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer past float range (10**400): math.isfinite would raise it too
+        raise AuthenticationFailed(f"invalid claim: {name}") from None
+    if not math.isfinite(number):
+        raise AuthenticationFailed(f"invalid claim: {name}")
+    return number
 
 
 def _check_audience(audiences: tuple[str, ...], claims: Mapping[str, Any]) -> None:

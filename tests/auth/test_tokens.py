@@ -298,6 +298,18 @@ async def test_nbf_and_iat_in_the_future_are_rejected_beyond_leeway(clock: FakeC
         assert (await auth.authenticate(f"Bearer {later}")).user_id == "user-1"
 
 
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [10**400, -(10**400), True], ids=["huge", "huge-negative", "bool"])
+async def test_time_claims_beyond_float_range_are_invalid_not_a_crash(
+    clock: FakeClock, name: str, value: int
+) -> None:
+    # JSON integers have no size limit; one past float range must be a 401 like any other bad claim.
+    settings = settings_for(hs_issuer(), jwt_max_lifetime_seconds=3600)
+    async with started(settings, clock) as auth:
+        token = sign(claims(**{name: value}), HS_SECRET, "HS256")
+        assert await rejection(auth, token) == f"invalid claim: {name}"
+
+
 async def test_max_lifetime_is_enforced(clock: FakeClock) -> None:
     settings = settings_for(hs_issuer(), jwt_max_lifetime_seconds=3600)
     async with started(settings, clock) as auth:
