@@ -92,6 +92,20 @@ class _Issuer:
 
 
 @dataclass(frozen=True, slots=True)
+class _Verified:
+    """A verified token's Principal, and the JWKS key set (with its generation) that verified it."""
+
+    principal: Principal
+    valid_until: float
+    jwks: JwksCache | None = None
+    generation: int = 0
+
+    def usable(self, now: float) -> bool:
+        """Tell whether the cached result still holds: before exp, and its key set unchanged."""
+        return now < self.valid_until and (self.jwks is None or self.jwks.generation == self.generation)
+
+
+@dataclass(frozen=True, slots=True)
 class _Token:
     """A token split and decoded, not yet verified."""
 
@@ -115,7 +129,7 @@ class Authenticator:
         self._clock = clock
         self._leeway = settings.jwt_leeway_seconds
         self._jws = jwt.PyJWS(options={"enforce_minimum_key_length": True})
-        self._cache: OrderedDict[bytes, tuple[Principal, float]] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._cache_size = token_cache_size
         # Counts signature verifications (cache misses); exposed for metrics and to prove the cache works.
         self.signature_checks = 0
@@ -193,18 +207,18 @@ class Authenticator:
         now = self._clock()
         hit = self._cache.get(digest)
         if hit is not None:
-            principal, valid_until = hit
-            if now < valid_until:
+            if hit.usable(now):
                 self._cache.move_to_end(digest)
-                return principal
+                return hit.principal
+            # Expired, or its key set changed (a key removed is a key revoked): verify it again.
             del self._cache[digest]
-        principal = await self._verify(token, now)
-        self._cache[digest] = (principal, principal.expires_at + self._leeway)
+        verified = await self._verify(token, now)
+        self._cache[digest] = verified
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return principal
+        return verified.principal
 
-    async def _verify(self, token: str, now: float) -> Principal:
+    async def _verify(self, token: str, now: float) -> _Verified:
         parsed = _parse(token)
         algorithm = str(parsed.header["alg"])  # _parse admitted only known algorithms
         for name in FORBIDDEN_HEADERS:
@@ -217,8 +231,13 @@ class Authenticator:
         if algorithm not in issuer.algorithms:
             raise AuthenticationFailed("unsupported algorithm")
         keys = await self._candidate_keys(issuer, algorithm, kid)
-        self._check_signature(token, algorithm, keys)
-        return self._principal(issuer, parsed.claims, now)
+        key = self._check_signature(token, algorithm, keys)
+        principal = self._principal(issuer, parsed.claims, now)
+        valid_until = principal.expires_at + self._leeway
+        if issuer.jwks is None or key is issuer.static_key or not isinstance(key, VerificationKey):
+            return _Verified(principal, valid_until)
+        # No await since the keys were read, so this is the generation of the set the key came from.
+        return _Verified(principal, valid_until, issuer.jwks, issuer.jwks.generation)
 
     def _select_issuer(self, claims: Mapping[str, Any]) -> _Issuer:
         iss = claims.get("iss")
@@ -271,7 +290,10 @@ class Authenticator:
         # Without a kid several keys may fit; trying a few bounds the work a forged token can cause.
         return [k for k in keys if k.accepts(algorithm)][:MAX_KIDLESS_CANDIDATES]
 
-    def _check_signature(self, token: str, algorithm: str, keys: list[VerificationKey | bytes]) -> None:
+    def _check_signature(
+        self, token: str, algorithm: str, keys: list[VerificationKey | bytes]
+    ) -> VerificationKey | bytes:
+        """Return the key whose signature check passed, or raise AuthenticationFailed."""
         self.signature_checks += 1
         for key in keys:
             material = key.key if isinstance(key, VerificationKey) else key
@@ -281,7 +303,7 @@ class Authenticator:
                 continue
             except jwt.PyJWTError as exc:
                 raise AuthenticationFailed("bad signature") from exc
-            return
+            return key
         raise AuthenticationFailed("bad signature")
 
     def _principal(self, issuer: _Issuer, claims: Mapping[str, Any], now: float) -> Principal:

@@ -227,6 +227,9 @@ class JwksCache:
         self.fetched_at: float | None = None
         self.ttl_seconds: float = DEFAULT_TTL_SECONDS
         self.next_refresh_at: float = -math.inf
+        # Bumped whenever a fetch brings a different key set, so whatever was verified with the old one
+        # (the verified-token cache) can tell it must be checked again.
+        self.generation = 0
 
     @property
     def loaded(self) -> bool:
@@ -328,6 +331,8 @@ class JwksCache:
             return False
         now = self._clock()
         if keys is not None:
+            if keys != self._keys:
+                self.generation += 1
             self._keys = keys
             self._by_kid = {k.kid: k for k in keys if k.kid is not None}
             self._validators = validators

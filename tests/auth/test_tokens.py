@@ -560,3 +560,35 @@ async def test_failed_tokens_are_not_cached(clock: FakeClock) -> None:
         for _ in range(2):
             assert await rejection(auth, bad) == "bad signature"
         assert auth.signature_checks == 2
+
+
+async def test_cached_token_stops_working_once_its_key_leaves_the_jwks(
+    jwks: JwksServer, keys: Keys, clock: FakeClock
+) -> None:
+    # Removing a compromised key from the JWKS is how an IdP revokes it: a token verified with it before
+    # must not live on in the cache until an exp the key's holder chose.
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        cache = auth.jwks_caches[0]
+        far = int(T0) + 10 * 365 * 86400
+        forged = sign(claims(exp=far), keys.rsa, "RS256", kid="k-rsa")
+        other = sign(claims(sub="user-2", exp=far), keys.ec, "ES256", kid="k-ec")
+        for token in (forged, other):
+            await auth.authenticate(f"Bearer {token}")
+        assert auth.signature_checks == 2
+
+        # A refresh that returns the same keys leaves the cache alone: hot tokens stay free.
+        clock.advance(cache.ttl_seconds)
+        assert await cache.refresh_if_due()
+        for token in (forged, other):
+            await auth.authenticate(f"Bearer {token}")
+        assert auth.signature_checks == 2
+
+        jwks.state.keys = [k for k in jwks.state.keys if k["kid"] != "k-rsa"]
+        clock.advance(cache.ttl_seconds)
+        assert await cache.refresh_if_due()
+        assert await rejection(auth, forged) == "unknown key"
+        # A token whose key is still published is verified once more against the new set, then cached again.
+        assert (await auth.authenticate(f"Bearer {other}")).user_id == "user-2"
+        checks = auth.signature_checks
+        await auth.authenticate(f"Bearer {other}")
+        assert auth.signature_checks == checks
