@@ -116,6 +116,10 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey | None:
         return None
     if use is not None and use != "sig":
         return None
+    # RFC 7517 section 4.3: a key whose key_ops leave out "verify" (an encryption key) must not verify tokens.
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        return None
     # A non-string alg (a list, say) is unusable like an unknown one; the table lookup would raise on it.
     if alg is not None and (not isinstance(alg, str) or alg not in ALGORITHM_FAMILIES or alg == "HS256"):
         return None

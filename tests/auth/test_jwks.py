@@ -319,6 +319,8 @@ async def test_unusable_keys_are_skipped(jwks: JwksServer, keys: Keys, clock: Fa
     jwks.state.keys = [
         {"kty": "oct", "kid": "k-oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"},
         public_jwk(keys.rsa2, "k-enc", use="enc"),
+        public_jwk(keys.rsa2, "k-ops-enc", key_ops=["encrypt", "wrapKey"]),  # RFC 7517 4.3: not "verify"
+        public_jwk(keys.rsa2, "k-ops-bad", key_ops="verify"),  # must be an array
         public_jwk(keys.rsa2, "k-hs", alg="HS256"),
         public_jwk(keys.rsa2, "k-mismatch", alg="ES256"),
         public_jwk(weak, "k-weak"),
@@ -330,15 +332,19 @@ async def test_unusable_keys_are_skipped(jwks: JwksServer, keys: Keys, clock: Fa
         "not-an-object",  # type: ignore[list-item]
         public_jwk(keys.rsa, "k-good"),
         public_jwk(keys.rsa2, "k-good"),  # a duplicate kid must not shadow the first
+        public_jwk(keys.ec, "k-ops-verify", key_ops=["verify"]),
     ]
     async with started(
         settings_for(jwks_issuer(jwks.url, algorithms=("RS256", "ES256", "ES384"))), clock
     ) as auth:
         cache = auth.jwks_caches[0]
-        assert [k.kid for k in cache.keys] == ["k-good"]
+        assert [k.kid for k in cache.keys] == ["k-good", "k-ops-verify"]
         assert (await auth.authenticate("Bearer " + sign(claims(), keys.rsa, "RS256", kid="k-good"))).user_id
         assert await rejection(auth, sign(claims(), keys.rsa2, "RS256", kid="k-good")) == "bad signature"
-        for kid in ("k-enc", "k-hs", "k-private", "k-mismatch"):
+        assert (
+            await auth.authenticate("Bearer " + sign(claims(), keys.ec, "ES256", kid="k-ops-verify"))
+        ).user_id
+        for kid in ("k-enc", "k-ops-enc", "k-ops-bad", "k-hs", "k-private", "k-mismatch"):
             assert await rejection(auth, sign(claims(sub=kid), keys.rsa2, "RS256", kid=kid)) == "unknown key"
 
 
