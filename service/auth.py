@@ -18,7 +18,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -191,16 +191,7 @@ class Authenticator:
         """Verify the `Authorization: Bearer` value and return the Principal (acting for a user if asked)."""
         token = _bearer_token(authorization)
         principal = await self._verified(token)
-        if on_behalf_of is None:
-            return principal
-        if ACT_AS_SCOPE not in principal.scopes:
-            raise ActAsNotAllowed(f"X-On-Behalf-Of requires scope {ACT_AS_SCOPE}")
-        if _ON_BEHALF_OF.fullmatch(on_behalf_of) is None:
-            raise InvalidRequest(
-                "X-On-Behalf-Of must be 1..128 printable ASCII characters without spaces",
-                extra={"parameter": "X-On-Behalf-Of"},
-            )
-        return replace(principal, user_id=on_behalf_of, actor=principal.user_id)
+        return principal if on_behalf_of is None else act_as(principal, [on_behalf_of])
 
     async def _verified(self, token: str) -> Principal:
         digest = hashlib.sha256(token.encode("ascii")).digest()
@@ -332,6 +323,21 @@ class Authenticator:
             issuer=issuer.config.issuer,
             expires_at=int(exp),
         )
+
+
+def act_as(principal: Principal, on_behalf_of: Sequence[str]) -> Principal:
+    """Return `principal` acting for the user its `X-On-Behalf-Of` header values name, if it may act."""
+    if ACT_AS_SCOPE not in principal.scopes:
+        raise ActAsNotAllowed(f"X-On-Behalf-Of requires scope {ACT_AS_SCOPE}")
+    if len(on_behalf_of) != 1:
+        raise InvalidRequest("x-on-behalf-of must be sent once", extra={"parameter": "x-on-behalf-of"})
+    user_id = on_behalf_of[0]
+    if _ON_BEHALF_OF.fullmatch(user_id) is None:
+        raise InvalidRequest(
+            "X-On-Behalf-Of must be 1..128 printable ASCII characters without spaces",
+            extra={"parameter": "X-On-Behalf-Of"},
+        )
+    return replace(principal, user_id=user_id, actor=principal.user_id)
 
 
 def _default_algorithms(config: IssuerConfig) -> tuple[str, ...]:
@@ -534,9 +540,10 @@ class AuthenticationMiddleware:
                 await _send_error(blocked, scope, receive, send)
                 return
         try:
-            principal = await self.authenticator.authenticate(
-                _single(headers, "authorization"), _single(headers, "x-on-behalf-of")
-            )
+            principal = await self.authenticator.authenticate(_authorization(headers))
+            # Only once the token is verified: a request without a valid one is a 401, whatever else it sends.
+            if "x-on-behalf-of" in headers:
+                principal = act_as(principal, headers["x-on-behalf-of"])
         except AuthenticationFailed as exc:
             logger.info("authentication failed: %s", exc.reason)
             error: GatewayError = exc
@@ -567,14 +574,13 @@ def _headers(scope: Scope) -> dict[str, list[str]]:
     return headers
 
 
-def _single(headers: Mapping[str, list[str]], name: str) -> str | None:
-    values = headers.get(name)
+def _authorization(headers: Mapping[str, list[str]]) -> str | None:
+    """Return the one Authorization header value, or None; two or more are a malformed token."""
+    values = headers.get("authorization")
     if not values:
         return None
     if len(values) > 1:
-        if name == "authorization":
-            raise AuthenticationFailed("malformed token")
-        raise InvalidRequest(f"{name} must be sent once", extra={"parameter": name})
+        raise AuthenticationFailed("malformed token")
     return values[0]
 
 

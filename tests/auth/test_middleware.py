@@ -168,6 +168,22 @@ async def test_act_as_through_the_middleware(authenticator: Authenticator) -> No
     assert doubled.status_code == 422
 
 
+async def test_token_is_judged_before_the_on_behalf_of_header(authenticator: Authenticator) -> None:
+    # DESIGN section 1: a missing or invalid token is a 401, whatever else the request carries; a doubled
+    # X-On-Behalf-Of must not turn it into a 422 that skips the failed-authentication count.
+    guard = CountingGuard(limit=100)
+    doubled = [("X-On-Behalf-Of", "a"), ("X-On-Behalf-Of", "b")]
+    user = sign(claims(sub="ada"), HS_SECRET, "HS256")
+    async with client_for(authenticator, guard) as client:
+        anonymous = await client.get("/v1/whoami", headers=doubled)
+        forged = await client.get("/v1/whoami", headers=[("Authorization", "Bearer not.a.token"), *doubled])
+        plain = await client.get("/v1/whoami", headers=[("Authorization", f"Bearer {user}"), *doubled])
+    assert anonymous.status_code == 401 and "error=" not in anonymous.headers["www-authenticate"]
+    assert forged.status_code == 401 and forged.json()["code"] == "invalid_token"
+    assert guard.failures == 2
+    assert plain.status_code == 403 and plain.json()["code"] == "act_as_not_allowed"
+
+
 async def test_duplicate_authorization_headers_are_rejected(authenticator: Authenticator) -> None:
     token = sign(claims(), HS_SECRET, "HS256")
     async with client_for(authenticator) as client:
