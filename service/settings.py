@@ -646,9 +646,19 @@ def _trusted_proxies(reader: _Reader) -> tuple[IPNetwork, ...]:
     networks: list[IPNetwork] = []
     for item in reader.csv("TRUSTED_PROXIES"):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             reader.problems.append(f"TRUSTED_PROXIES: {item!r} is not an IP address or CIDR")
+            continue
+        if network.prefixlen == 0:
+            # Every hop would be trusted, so the client IP would be the left-most X-Forwarded-For entry: the
+            # one the client wrote itself. Like '*' in CORS_ALLOWED_ORIGINS, never what anyone means.
+            reader.problems.append(
+                f"TRUSTED_PROXIES: {item!r} trusts every address, so any client could choose its own IP; "
+                "list your proxies' addresses"
+            )
+            continue
+        networks.append(network)
     return tuple(networks)
 
 

@@ -123,6 +123,10 @@ def test_every_contract_name_is_read() -> None:
         ("JWT_JWKS_URL", "https://[::1/jwks", "JWT_JWKS_URL: must be a URL"),
         ("CORS_ALLOWED_ORIGINS", "https://[::1", "is not an origin"),
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip", "TRUSTED_PROXIES: 'not-an-ip'"),
+        # Trusting every address makes the walk end at the left-most X-Forwarded-For entry: the client's own.
+        ("TRUSTED_PROXIES", "10.0.0.0/8, 0.0.0.0/0", "TRUSTED_PROXIES: '0.0.0.0/0' trusts every address"),
+        ("TRUSTED_PROXIES", "::/0", "TRUSTED_PROXIES: '::/0' trusts every address"),
+        ("TRUSTED_PROXIES", "203.0.113.7/0", "TRUSTED_PROXIES: '203.0.113.7/0' trusts every address"),
         ("CORS_ALLOWED_ORIGINS", "*", "CORS_ALLOWED_ORIGINS: '*' is not allowed"),
         ("CORS_ALLOWED_ORIGINS", "https://app.example/path", "is not an origin"),
         ("JWT_HS256_SECRET", "short", "JWT_HS256_SECRET: an HS256 secret must be at least 32 bytes"),
