@@ -90,19 +90,25 @@ def key_family(key: Any) -> str | None:
     return None
 
 
-def ttl_from_cache_control(header: str | None) -> float:
-    """Return the key set lifetime from a Cache-Control header, clamped to 5 min .. 24 h."""
+def ttl_from_cache_control(header: str | None, age: str | None = None) -> float:
+    """Return the key set lifetime from Cache-Control, less the response's Age, clamped to 5 min .. 24 h."""
     ttl = DEFAULT_TTL_SECONDS
     for directive in (header or "").split(","):
         name, _, value = directive.strip().partition("=")
         name = name.strip().lower()
         if name in ("no-store", "no-cache"):
-            ttl = MIN_TTL_SECONDS
-        elif name == "max-age":
+            # Wherever it stands: a later max-age must not turn "do not reuse" into a day of reuse.
+            return MIN_TTL_SECONDS
+        if name == "max-age":
             try:
                 ttl = float(int(value.strip().strip('"')))
             except ValueError:
                 continue
+    # RFC 9111 section 4.2.3: a copy a cache in front of the IdP has held for Age seconds is that much
+    # closer to stale. Age is delta-seconds; anything else is ignored.
+    current_age = (age or "").strip()
+    if current_age.isascii() and current_age.isdigit():
+        ttl -= int(current_age)
     return min(MAX_TTL_SECONDS, max(MIN_TTL_SECONDS, ttl))
 
 
@@ -367,7 +373,9 @@ class JwksCache:
             headers.update(self._validators)
         try:
             async with self._client.stream("GET", self.url, headers=headers) as response:
-                ttl = ttl_from_cache_control(response.headers.get("cache-control"))
+                ttl = ttl_from_cache_control(
+                    response.headers.get("cache-control"), response.headers.get("age")
+                )
                 if response.status_code == 304 and conditional:
                     return None, ttl, self._validators
                 if response.status_code != 200:

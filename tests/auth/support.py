@@ -148,6 +148,7 @@ class JwksServerState:
 
     keys: list[dict[str, Any]] = field(default_factory=list)
     cache_control: str | None = "max-age=600"
+    age: str | None = None  # an Age header, as a cache in front of the IdP adds
     status: int = 200
     raw_body: bytes | None = None
     chunked: bool = False
@@ -163,6 +164,7 @@ class JwksServerState:
         with self.lock:
             self.keys = []
             self.cache_control = "max-age=600"
+            self.age = None
             self.status = 200
             self.raw_body = None
             self.chunked = False
@@ -187,6 +189,8 @@ def jwks_app(state: JwksServerState) -> Starlette:
             state.conditions.append(sent)
             body = state.raw_body if state.raw_body is not None else json.dumps({"keys": state.keys}).encode()
             headers = {"Cache-Control": state.cache_control} if state.cache_control else {}
+            if state.age is not None:
+                headers["Age"] = state.age
             if state.etag is not None:
                 headers["ETag"] = state.etag
             if state.last_modified is not None:

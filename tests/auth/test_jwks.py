@@ -185,6 +185,33 @@ async def test_max_age_is_honoured_and_clamped(
         await cache.aclose()
 
 
+@pytest.mark.parametrize(
+    ("cache_control", "age", "ttl"),
+    [
+        # A directive forbidding reuse wins wherever it stands, not only when it comes last.
+        ("no-store, max-age=86400", None, 300.0),
+        ("max-age=86400, no-cache", None, 300.0),
+        # RFC 9111 section 4.2.3: a CDN's copy that is already `Age` old is that much closer to stale.
+        ("max-age=3600", "3000", 600.0),
+        ("max-age=3600", "3590", 300.0),
+        ("max-age=3600", "garbage", 3600.0),
+        ("max-age=3600", "-5", 3600.0),
+    ],
+)
+async def test_reuse_forbidding_directives_and_age_shorten_the_lifetime(
+    jwks: JwksServer, clock: FakeClock, cache_control: str, age: str | None, ttl: float
+) -> None:
+    # How long a key set is kept is how long a key removed from it (revoked) keeps verifying.
+    jwks.state.cache_control = cache_control
+    jwks.state.age = age
+    cache = JwksCache(jwks.url, clock=clock)
+    await cache.start()
+    try:
+        assert cache.ttl_seconds == ttl
+    finally:
+        await cache.aclose()
+
+
 async def test_background_task_refreshes_when_due(jwks: JwksServer, keys: Keys, clock: FakeClock) -> None:
     refreshed = asyncio.Event()
     outcomes: list[str] = []
