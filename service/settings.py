@@ -402,6 +402,10 @@ def _algorithms(
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         reader.problems.append(f"{name}: must be a list of algorithm names")
         return ()
+    if not value:
+        # An empty allowlist reads as "not given" downstream (the defaults): refuse it rather than widen it.
+        reader.problems.append(f"{name}: must name at least one algorithm (leave it out for the defaults)")
+        return ()
     allowed = (("HS256",) if has_hs else ()) + (ASYMMETRIC_ALGORITHMS if has_jwks or pem_family else ())
     bad = [a for a in value if a not in allowed]
     if bad:

@@ -414,6 +414,17 @@ def test_public_key_issuer_whose_algorithms_cannot_use_its_key_is_a_problem(tmp_
     )
 
 
+def test_an_empty_algorithms_allowlist_is_a_problem_not_the_defaults(tmp_path: Path) -> None:
+    # The authenticator reads an empty allowlist as "not given" and verifies with every default algorithm:
+    # `algorithms = []` (meant as "none") must not quietly allow RS256, ES256 and EdDSA.
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[[issuers]]\nissuer = "https://idp.example"\njwks_url = "https://idp.example/jwks.json"\nalgorithms = []\n'
+    )
+    found = problems({**WITHOUT_ENV_ISSUER, "GATEWAY_CONFIG": str(config)})
+    assert any("issuers[0].algorithms: must name at least one algorithm" in p for p in found), found
+
+
 def write_issuers(tmp_path: Path, *issuers: str | None) -> str:
     """Write a GATEWAY_CONFIG with one HS256 [[issuers]] entry per name (None: no `issuer` key)."""
     entries = [
