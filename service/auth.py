@@ -270,7 +270,7 @@ class Authenticator:
     def _asymmetric_keys(issuer: _Issuer, algorithm: str, kid: str | None) -> list[VerificationKey]:
         keys: list[VerificationKey] = []
         if issuer.jwks is not None and kid is not None:
-            key = issuer.jwks.lookup(kid)
+            key = issuer.jwks.lookup(kid, algorithm)
             if key is not None:
                 keys.append(key)
         else:

@@ -161,7 +161,7 @@ def parse_jwks(body: bytes) -> tuple[VerificationKey, ...]:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise JwksFetchFailed("JWKS response has no `keys` list")
     keys: list[VerificationKey] = []
-    seen_kids: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for entry in document["keys"][:MAX_KEYS]:
         if not isinstance(entry, dict):
             continue
@@ -169,9 +169,11 @@ def parse_jwks(body: bytes) -> tuple[VerificationKey, ...]:
         if key is None:
             continue
         if key.kid is not None:
-            if key.kid in seen_kids:
-                continue  # an ambiguous kid must not let a token pick between two keys
-            seen_kids.add(key.kid)
+            # RFC 7517 section 4.5 lets keys of different types share a kid (the token's alg tells them apart);
+            # two of one type under one kid are ambiguous and must not let a token pick between them.
+            if (key.kid, key.family) in seen:
+                continue
+            seen.add((key.kid, key.family))
         keys.append(key)
     if not keys:
         raise JwksFetchFailed("JWKS response has no usable signing keys")
@@ -227,7 +229,7 @@ class JwksCache:
         self._inflight: asyncio.Task[bool] | None = None
         self._inflight_for_unknown_kid = False  # whether the fetch in flight began for an unknown kid
         self._keys: tuple[VerificationKey, ...] = ()
-        self._by_kid: dict[str, VerificationKey] = {}
+        self._by_kid: dict[str, tuple[VerificationKey, ...]] = {}
         self._loaded = False
         self._failures = 0
         self._last_unknown_kid_fetch: float | None = None
@@ -278,9 +280,13 @@ class JwksCache:
             await self._client.aclose()
             self._client = None
 
-    def lookup(self, kid: str) -> VerificationKey | None:
-        """Return the key with this `kid` from the current set, or None."""
-        return self._by_kid.get(kid)
+    def lookup(self, kid: str, algorithm: str | None = None) -> VerificationKey | None:
+        """Return the key with this `kid` (of the family `algorithm` needs, if given) from the current set."""
+        family = ALGORITHM_FAMILIES.get(algorithm) if algorithm is not None else None
+        for key in self._by_kid.get(kid, ()):
+            if family is None or key.family == family:
+                return key
+        return None
 
     async def refresh(self, *, for_unknown_kid: bool = False) -> bool:
         """Fetch the key set now (joining a fetch already in flight); return whether it succeeded."""
@@ -344,7 +350,11 @@ class JwksCache:
             if keys != self._keys:
                 self.generation += 1
             self._keys = keys
-            self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+            by_kid: dict[str, tuple[VerificationKey, ...]] = {}
+            for key in keys:
+                if key.kid is not None:
+                    by_kid[key.kid] = (*by_kid.get(key.kid, ()), key)
+            self._by_kid = by_kid
             self._validators = validators
         self._loaded = True
         self._failures = 0

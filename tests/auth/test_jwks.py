@@ -375,6 +375,24 @@ async def test_unusable_keys_are_skipped(jwks: JwksServer, keys: Keys, clock: Fa
             assert await rejection(auth, sign(claims(sub=kid), keys.rsa2, "RS256", kid=kid)) == "unknown key"
 
 
+async def test_one_kid_may_name_one_key_of_each_type(jwks: JwksServer, keys: Keys, clock: FakeClock) -> None:
+    # RFC 7517 section 4.5: keys of different kty may share a kid as equivalent alternatives. The token's
+    # alg says which one it means; two keys of one type under one kid stay ambiguous (the first is kept).
+    jwks.state.keys = [
+        public_jwk(keys.rsa, "k-pair"),
+        public_jwk(keys.ec, "k-pair"),
+        public_jwk(keys.rsa2, "k-pair"),
+    ]
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        assert [k.family for k in auth.jwks_caches[0].keys] == ["RSA", "EC:P-256"]
+        by_rsa = sign(claims(sub="via-rsa"), keys.rsa, "RS256", kid="k-pair")
+        by_ec = sign(claims(sub="via-ec"), keys.ec, "ES256", kid="k-pair")
+        assert (await auth.authenticate(f"Bearer {by_rsa}")).user_id == "via-rsa"
+        assert (await auth.authenticate(f"Bearer {by_ec}")).user_id == "via-ec"
+        assert await rejection(auth, sign(claims(), keys.rsa2, "RS256", kid="k-pair")) == "bad signature"
+        assert jwks.state.fetches == 1
+
+
 def test_jwks_url_must_be_https_except_loopback() -> None:
     for url in ("http://idp.example/jwks.json", "ftp://idp.example/jwks.json", "http://10.0.0.1/jwks"):
         with pytest.raises(ValueError, match="https"):
