@@ -290,11 +290,12 @@ class JwksCache:
 
     async def refresh(self, *, for_unknown_kid: bool = False) -> bool:
         """Fetch the key set now (joining a fetch already in flight); return whether it succeeded."""
-        if self._inflight is None:
-            self._inflight = asyncio.create_task(self._fetch_and_store())
-            self._inflight.add_done_callback(self._clear_inflight)
+        inflight = self._in_flight()
+        if inflight is None:
+            inflight = self._inflight = asyncio.create_task(self._fetch_and_store())
+            inflight.add_done_callback(self._clear_inflight)
             self._inflight_for_unknown_kid = for_unknown_kid
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(inflight)
 
     async def refresh_if_due(self) -> bool:
         """Refresh when the schedule says so; return whether a fetch was made."""
@@ -305,22 +306,32 @@ class JwksCache:
 
     async def refetch_for_unknown_kid(self) -> None:
         """Refetch after a token named an unknown `kid`: share a fetch in flight, else respect the cooldown."""
-        if self._inflight is not None:
+        inflight = self._in_flight()
+        if inflight is not None:
             started_for_unknown_kid = self._inflight_for_unknown_kid
-            await asyncio.shield(self._inflight)
+            await asyncio.shield(inflight)
             if started_for_unknown_kid:
                 return
             # A scheduled refresh may have read the key set just before the new key was published (a rotation
             # while it was in flight): it does not answer for this kid, a fetch of its own (cooldown permitting)
             # does. Callers that found one already started for an unknown kid share it.
-            if self._inflight is not None and self._inflight_for_unknown_kid:
-                await asyncio.shield(self._inflight)
+            inflight = self._in_flight()
+            if inflight is not None and self._inflight_for_unknown_kid:
+                await asyncio.shield(inflight)
                 return
         now = self._clock()
         if self._last_unknown_kid_fetch is not None and now - self._last_unknown_kid_fetch < self._cooldown:
             return
         self._last_unknown_kid_fetch = now
         await self.refresh(for_unknown_kid=True)
+
+    def _in_flight(self) -> asyncio.Task[bool] | None:
+        """Return the fetch still running, if any."""
+        # A fetch that has finished but whose done callback has not run yet (later in this loop turn) is
+        # over: joining it would answer a new request with keys read before it, and without a fetch.
+        if self._inflight is None or self._inflight.done():
+            return None
+        return self._inflight
 
     def _clear_inflight(self, task: asyncio.Task[bool]) -> None:
         if self._inflight is task:

@@ -129,3 +129,60 @@ async def test_a_gateway_that_started_during_a_jwks_outage_gets_ready_soon_after
                 )
         finally:
             await cache.aclose()
+
+
+def _step_now(coroutine: Any) -> asyncio.Task[None] | None:
+    """Run a coroutine's first step right now, not in a later loop turn; return a task for the rest, if any."""
+    try:
+        waiting_on = coroutine.send(None)
+    except StopIteration:
+        return None
+
+    async def rest() -> None:
+        nonlocal waiting_on
+        while True:  # what a Task does: resume the coroutine each time the future it waits on is done
+            await asyncio.wait([waiting_on])
+            try:
+                waiting_on = coroutine.send(None)
+            except StopIteration:
+                return
+
+    return asyncio.get_running_loop().create_task(rest())
+
+
+async def test_an_unknown_kid_right_after_a_refresh_completes_still_gets_its_own_fetch(
+    keys: Keys, clock: FakeClock
+) -> None:
+    # A scheduled refresh has just finished (its task is done) but its done callbacks have not run yet: a
+    # token naming a rotated-in kid, handled in that same loop turn, must not take the finished fetch, which
+    # read the set before the rotation, for its own refetch (which would also start the cooldown and refuse
+    # the new key for 30 s).
+    upstream = GatedJwks([public_jwk(keys.rsa, "k-old", "RS256")])
+    with serve(upstream, lifespan="off", ws="none") as served:
+        loop = asyncio.get_running_loop()
+        rest: list[asyncio.Task[None] | None] = []
+        armed = False
+
+        def refetch_in_this_turn() -> None:
+            rest.append(_step_now(cache.refetch_for_unknown_kid()))
+
+        def on_refresh(outcome: str) -> None:
+            # Called inside the fetch task's last step, after the IdP served the old set; a handle queued
+            # here runs before the task's done callbacks.
+            if armed:
+                upstream.keys = [*upstream.keys, public_jwk(keys.rsa2, "k-new", "RS256")]
+                loop.call_soon(refetch_in_this_turn)
+
+        settings = settings_for(jwks_issuer(f"{served.url}/jwks.json"))
+        async with started(settings, clock, on_jwks_refresh=on_refresh) as auth:
+            [cache] = auth.jwks_caches
+            assert isinstance(cache, JwksCache)
+            armed = True
+            await cache.refresh()  # the scheduled refresh
+            armed = False
+            assert len(rest) == 1
+            await asyncio.gather(*(task for task in rest if task is not None))
+            token = sign(claims(sub="rotated"), keys.rsa2, "RS256", kid="k-new")
+            principal = await auth.authenticate(f"Bearer {token}")
+    assert principal.user_id == "rotated"
+    assert upstream.fetches == 3
