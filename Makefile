@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps web-deps dev test check lint format typecheck deploy-check bench profile clean
+.PHONY: install system-deps web-deps dev test check lint format typecheck deploy-check bench bench-instructions profile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ check: lint typecheck deploy-check test
 
 bench: install
 	$(PY) -m tests.perf.bench
+
+bench-instructions: install
+	$(PY) -m tests.perf.instructions
 
 profile: install
 	$(PY) -m tests.perf.profile

@@ -143,10 +143,16 @@ def select_targets(options: Options, nginx_available: bool) -> list[Target]:
 
 
 def _python_role(
-    procs: Processes, name: str, role: str, upstream: str, env: dict[str, str] | None = None
+    procs: Processes,
+    name: str,
+    role: str,
+    upstream: str,
+    env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
 ) -> tuple[Child, str]:
     port = free_port()
     args = [
+        *command_prefix,
         sys.executable,
         "-m",
         "tests.perf.targets",
@@ -213,15 +219,22 @@ def start_upstream(procs: Processes, workdir: Path, kind: str) -> tuple[Child, s
 
 
 def start_target(
-    procs: Processes, workdir: Path, target: Target, upstream: str, redis_url: str
+    procs: Processes,
+    workdir: Path,
+    target: Target,
+    upstream: str,
+    redis_url: str,
+    *,
+    command_prefix: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[Child, str]:
-    """Start one target (not waiting for it) and return it with its URL."""
+    """Start one target (not waiting for it), a Python one under `command_prefix` if given; return its URL."""
     if target.role == "nginx":
         port = free_port()
         child = _nginx(procs, target.name, workdir, t.nginx_proxy_conf(workdir / target.name, port, upstream))
         return child, f"http://127.0.0.1:{port}"
     if target.role != "gateway":
-        return _python_role(procs, target.name, target.role, upstream)
+        return _python_role(procs, target.name, target.role, upstream, command_prefix=command_prefix)
     config = workdir / "gateway.toml"
     t.write_gateway_config(config)
     log_level = "WARNING" if "log-warning" in target.levers else "INFO"
@@ -229,7 +242,8 @@ def start_target(
     env["BENCH_GATEWAY_LEVERS"] = ",".join(target.levers)
     if any(lever.startswith("workers=") for lever in target.levers):
         env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tempfile.mkdtemp(prefix="metrics-", dir=workdir)))
-    return _python_role(procs, target.name, "gateway", upstream, env)
+    env.update(extra_env or {})
+    return _python_role(procs, target.name, "gateway", upstream, env, command_prefix)
 
 
 def seed_ledger(redis: RedisServer, payloads: t.Payloads) -> None:
