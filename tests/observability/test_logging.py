@@ -6,15 +6,19 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.app import create_app
 from service.observability import (
     AUDIT_LOGGER,
     JsonFormatter,
     SecretMaskFilter,
+    _utc_timestamp,
     audit,
     configure_logging,
     mask_secrets,
@@ -233,3 +237,20 @@ def test_configured_secrets_are_masked_wherever_they_appear(
     (line,) = read_lines(capsys)
     for secret in (bare_key, hs_secret, "proxy/pass123", "proxy%2Fpass123", "redis@pass456"):
         assert secret not in json.dumps(line)
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(created=st.floats(min_value=0, max_value=2**32, allow_nan=False, allow_infinity=False))
+def test_timestamp_matches_datetime_isoformat_to_the_millisecond(created: float) -> None:
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    assert _utc_timestamp(created) == expected
+
+
+def test_timestamp_rounds_to_the_microsecond_before_cutting_to_milliseconds() -> None:
+    # 0.478 is stored as 0.47799999...; cut straight to milliseconds it would read .477.
+    assert _utc_timestamp(1_764_000_000.478) == "2025-11-24T16:00:00.478Z"
+    # Within half a microsecond of the next second: the second itself moves on.
+    assert _utc_timestamp(1_764_000_000.9999996) == "2025-11-24T16:00:01.000Z"
+    # The cached second is not reused across seconds.
+    assert _utc_timestamp(1_764_000_001.5) == "2025-11-24T16:00:01.500Z"
