@@ -72,7 +72,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/convai/conversation/get-signed-url"): Operation(
         summary="Mint a signed WebSocket URL for an allowed agent and record the caller as its owner",
         scope="convai:session",
-        parameters=(_AGENT_QUERY, _query("branch_id", _ID)),
+        parameters=(
+            _AGENT_QUERY,
+            _query("branch_id", _ID),
+            _query(
+                "include_conversation_id",
+                {"type": "boolean", "enum": [True]},
+                "Accepted for upstream compatibility; the conversation id is always included",
+            ),
+        ),
         responses={
             "200": _json(
                 {

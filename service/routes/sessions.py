@@ -7,7 +7,8 @@ before any upstream call, and forward nothing but `agent_id` and an optional `br
 `{"signed_url", "conversation_id", "expires_at"}`; `expires_at` is unix seconds (an integer): upstream
 signed URLs are valid for 15 minutes. The conversation is recorded as the caller's before the URL is
 handed out; if that write fails the request fails (503) - a URL whose conversation nobody owns is never
-returned.
+returned. The upstream `include_conversation_id=true` is accepted (the gateway always asks it upstream);
+`false` is a 422, since the gateway cannot hand out the reusable signature it would mean.
 
 `GET /v1/convai/conversation/token?agent_id=...[&branch_id=...]` returns `{"token"}`. The upstream
 `participant_name` is always the caller's user id; `participant_name` and `user_id` query parameters
@@ -44,6 +45,8 @@ NO_STORE_HEADERS: Mapping[str, str] = {"Cache-Control": "no-store", "Pragma": "n
 
 # Sent by clients written against the upstream API; the gateway decides both itself.
 IGNORED_TOKEN_PARAMS = ("participant_name", "user_id")
+# Documented upstream on the signed-URL route and sent by the official SDKs; the gateway always sets it to true.
+INCLUDE_ID_PARAM = "include_conversation_id"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -60,14 +63,21 @@ class _Admitted:
     headers: dict[str, str]  # the decision's RateLimit headers, rendered once per request
 
 
-async def _admit(request: Request, *, ignored: tuple[str, ...] = ()) -> _Admitted:
+async def _admit(request: Request, *, ignored: tuple[str, ...] = (), include_id: bool = False) -> _Admitted:
     services, principal = services_of(request), principal_of(request)
     principal.require_scope(SESSION_SCOPE)
+    optional = (INCLUDE_ID_PARAM,) if include_id else ()
     singles, _ = validation.strict_query(
-        request.query_params, single=("agent_id", "branch_id"), ignored=ignored
+        request.query_params, single=("agent_id", "branch_id", *optional), ignored=ignored
     )
     agent = validation.agent_id(singles.get("agent_id"))
     branch = _optional_id(singles, "branch_id")
+    if include_id and validation.boolean(singles, INCLUDE_ID_PARAM) is False:
+        raise InvalidRequest(
+            f"{INCLUDE_ID_PARAM} must be true: the gateway always mints single-use URLs and records their"
+            " conversation",
+            extra={"parameter": INCLUDE_ID_PARAM},
+        )
     # Before the limiter and the upstream: a refused agent costs nothing and reaches nobody.
     principal.require_agent(agent, services.settings.allowed_agent_ids)
     decision = await enforce(
@@ -93,7 +103,7 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
 
     async def get_signed_url(request: Request) -> Response:
         """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
-        admitted = await _admit(request)
+        admitted = await _admit(request, include_id=True)
         with headers_on_error(admitted.headers):
             body = await admitted.services.upstream.get_signed_url(
                 admitted.agent_id, branch_id=admitted.branch_id

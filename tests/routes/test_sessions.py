@@ -377,7 +377,7 @@ async def test_missing_scope_is_403_before_upstream(gateway: Gateway, route: str
 @pytest.mark.parametrize(
     "params",
     [
-        [("agent_id", "agent_demo"), ("include_conversation_id", "false")],
+        [("agent_id", "agent_demo"), ("page_size", "5")],
         [("agent_id", "agent_demo"), ("xi-api-key", "mine")],
         [("agent_id", "agent_demo"), ("agent_id", "agent_other")],
         [],
@@ -394,6 +394,53 @@ async def test_invalid_query_is_422_before_upstream(
     assert response.status_code == 422, response.text
     assert problem_code(response) == "invalid_request"
     assert_no_store(response)
+    assert await gateway.upstream_requests() == []
+
+
+async def test_include_conversation_id_true_from_an_upstream_client_is_accepted(
+    gateway: Gateway, inspect: redis.Redis
+) -> None:
+    # The upstream reference documents include_conversation_id on this route, and the official SDKs send it
+    # (`get_signed_url(agent_id=..., include_conversation_id=True)`): a client that only changed its base URL
+    # must not get a 422 for asking what the gateway does anyway.
+    response = await gateway.client.get(
+        SIGNED_URL,
+        params={"agent_id": "agent_demo", "include_conversation_id": "true"},
+        headers=gateway.headers("user_a"),
+    )
+    assert response.status_code == 200, response.text
+    assert_no_store(response)
+    conversation_id = response.json()["conversation_id"]
+    assert json.loads(inspect.get(ledger_key(conversation_id)) or "{}")["user"] == "user_a"
+    (call,) = await gateway.upstream_requests()
+    assert call["query"] == [["agent_id", "agent_demo"], ["include_conversation_id", "true"]]
+
+
+@pytest.mark.parametrize("value", ["false", "", "1", "yes"])
+async def test_include_conversation_id_other_than_true_is_422_before_upstream(
+    gateway: Gateway, value: str
+) -> None:
+    # false would ask for a reusable signature without an id: the gateway always mints single-use URLs whose
+    # conversation it records, so it says so instead of silently answering something else.
+    response = await gateway.client.get(
+        SIGNED_URL,
+        params={"agent_id": "agent_demo", "include_conversation_id": value},
+        headers=gateway.headers("u"),
+    )
+    assert response.status_code == 422, response.text
+    assert problem_code(response) == "invalid_request"
+    assert response.json()["parameter"] == "include_conversation_id"
+    assert_no_store(response)
+    assert await gateway.upstream_requests() == []
+
+
+async def test_include_conversation_id_is_refused_on_the_token_route(gateway: Gateway) -> None:
+    response = await gateway.client.get(
+        TOKEN,
+        params={"agent_id": "agent_demo", "include_conversation_id": "true"},
+        headers=gateway.headers("u"),
+    )
+    assert response.status_code == 422
     assert await gateway.upstream_requests() == []
 
 
