@@ -133,14 +133,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 "data_collection_params",
                 # exists/missing take no value, gt/gte/lt/lte a number (upstream rejects anything else),
                 # in 1..200 characters of non-empty |-separated items.
-                "^[A-Za-z0-9_-]{1,128}:(exists|missing|(eq|neq):[^\\x00-\\x1f\\x7f]{1,200}"
-                "|(gt|gte|lt|lte):-?[0-9]{1,20}(\\.[0-9]{1,20})?|in:[^\\x00-\\x1f\\x7f|](\\|?[^\\x00-\\x1f\\x7f|]){0,99})$",
+                "^[A-Za-z0-9_-]{1,128}:(exists|missing|(eq|neq):[^\\x00-\\x1f\\x7f-\\x9f]{1,200}"
+                "|(gt|gte|lt|lte):-?[0-9]{1,20}(\\.[0-9]{1,20})?|in:[^\\x00-\\x1f\\x7f-\\x9f|](\\|?[^\\x00-\\x1f\\x7f-\\x9f|]){0,99})$",
                 "id:op:value; `in` takes pipe-delimited values",
             ),
-            _repeated("tool_names", "^[^\\x00-\\x1f\\x7f]{1,128}$", "tool names used during the call"),
+            _repeated("tool_names", "^[^\\x00-\\x1f\\x7f-\\x9f]{1,128}$", "tool names used during the call"),
             _query("page_size", {"type": "integer", "minimum": 1, "maximum": 100}),
             _query("summary_mode", {"type": "string", "enum": ["exclude", "include"]}),
-            _query("search", {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]{0,200}$"}),
+            _query("search", {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]{0,200}$"}),
         ),
         responses={
             "200": _json(

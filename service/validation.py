@@ -13,11 +13,20 @@ from service.errors import InvalidRequest
 # (`/`, `%`, `.`, `?`, `#`, whitespace, unicode) could change the upstream URL, so it never gets near one.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_ID_LENGTH = 128
+# The C0 and C1 control characters and DEL (Unicode category Cc): never part of free text. Every other character
+# is, spaces included: str.isprintable() also refuses U+00A0, U+3000 and U+200D (pasted text, Japanese input,
+# emoji sequences).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def is_valid_id(value: str) -> bool:
     """Tell whether `value` is a well-formed upstream identifier."""
     return _ID_PATTERN.fullmatch(value) is not None
+
+
+def is_text(value: str) -> bool:
+    """Tell whether `value` is free text: no control characters."""
+    return _CONTROL_CHARACTER.search(value) is None
 
 
 def conversation_id(value: str) -> str:

@@ -110,10 +110,10 @@ _CONTENT_TYPE = re.compile(r"[\x21-\x7e]+(?: ?; ?[\x20-\x7e]*)?")
 # ------------------------------------------------------------------------------------------------ list
 
 
-def _printable(name: str, value: str, *, max_length: int) -> str:
-    if not value or len(value) > max_length or not value.isprintable():
+def _text(name: str, value: str, *, max_length: int) -> str:
+    if not value or len(value) > max_length or not validation.is_text(value):
         raise InvalidRequest(
-            f"{name} must be 1..{max_length} printable characters", extra={"parameter": name}
+            f"{name} must be 1..{max_length} characters without control characters", extra={"parameter": name}
         )
     return value
 
@@ -141,13 +141,13 @@ def _data_collection_param(value: str) -> str:
     if op in VALUELESS_OPS:
         # The reference's form is id:op:value for every op; exists/missing ignore their value (may be empty),
         # and the two-part id:op is accepted too. Passed on unchanged.
-        if len(parts) == 3 and (len(parts[2]) > MAX_FILTER_VALUE_LENGTH or not parts[2].isprintable()):
+        if len(parts) == 3 and (len(parts[2]) > MAX_FILTER_VALUE_LENGTH or not validation.is_text(parts[2])):
             raise problem
         return value
     if len(parts) != 3:
         raise problem
     operand = parts[2]
-    if not operand or len(operand) > MAX_FILTER_VALUE_LENGTH or not operand.isprintable():
+    if not operand or len(operand) > MAX_FILTER_VALUE_LENGTH or not validation.is_text(operand):
         raise problem
     if op == "in" and any(item == "" for item in operand.split("|")):
         raise problem
@@ -169,7 +169,7 @@ def list_query(
 
     cursor = singles.get("cursor")
     if cursor:
-        _printable("cursor", cursor, max_length=MAX_CURSOR_LENGTH)
+        _text("cursor", cursor, max_length=MAX_CURSOR_LENGTH)
         upstream.append(("cursor", sealer.open(principal.user_id, cursor)))
     if "agent_id" in singles:
         agent = validation.agent_id(singles["agent_id"])
@@ -190,7 +190,7 @@ def list_query(
         upstream.append(("summary_mode", summary_mode))
     search = singles.get("search")
     if search:
-        upstream.append(("search", _printable("search", search, max_length=MAX_SEARCH_LENGTH)))
+        upstream.append(("search", _text("search", search, max_length=MAX_SEARCH_LENGTH)))
 
     for name, values in repeated.items():
         if len(values) > MAX_REPEATED:
@@ -200,7 +200,7 @@ def list_query(
         ("data_collection_params", _data_collection_param(v)) for v in repeated["data_collection_params"]
     ]
     upstream += [
-        ("tool_names", _printable("tool_names", v, max_length=MAX_TOOL_NAME_LENGTH))
+        ("tool_names", _text("tool_names", v, max_length=MAX_TOOL_NAME_LENGTH))
         for v in repeated["tool_names"]
     ]
     return upstream

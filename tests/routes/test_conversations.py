@@ -591,6 +591,7 @@ INVALID_LIST_QUERIES: list[Query] = [
     [("summary_mode", "all")],
     [("search", "x" * 201)],
     [("search", "line\nbreak")],
+    [("search", "next\x85line")],  # a C1 control character
     [("agent_id", "../agents")],
     [("agent_id", "a" * 129)],
     [("evaluation_params", "resolved")],
@@ -613,6 +614,29 @@ INVALID_LIST_QUERIES: list[Query] = [
     # A forged cursor whose payload nests 1,400 arrays: it once reached the JSON parser and escaped as a 500.
     [("cursor", base64.urlsafe_b64encode(b"[" * 1400).rstrip(b"=").decode() + "." + "A" * 43)],
 ]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        [("search", "return\u00a0policy")],  # a no-break space, as pasted from a web page or a word processor
+        [("search", "東京\u3000大阪")],  # an ideographic space, as typed with a Japanese input method
+        [("search", "café 😀 \u200d")],
+        [("tool_names", "order\u00a0status")],
+        [("data_collection_params", "name:eq:Jean\u00a0Dupont")],
+        [("data_collection_params", "city:in:Zürich|東京\u3000都")],
+    ],
+    ids=["search-nbsp", "search-ideographic-space", "search-emoji", "tool-nbsp", "eq-nbsp", "in-unicode"],
+)
+async def test_free_text_filters_take_any_text_without_control_characters(
+    gateway: Gateway, query: Query
+) -> None:
+    # The document allows every character but controls; Python's isprintable() also refused every space but
+    # U+0020, so a pasted no-break space or a Japanese full-width space made a search a 422.
+    response = await gateway.client.get(LIST, params=query, headers=gateway.headers("alice"))
+    assert response.status_code == 200, response.text
+    [call] = await upstream_calls(gateway, "list")
+    assert [tuple(item) for item in call["query"]] == [("user_id", "alice"), *query]
 
 
 @pytest.mark.parametrize("query", INVALID_LIST_QUERIES, ids=lambda q: f"{q[0][0]}={str(q[0][1])[:20]}")
