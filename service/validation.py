@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import QueryParams
 
@@ -49,6 +50,17 @@ def agent_id(value: str | None) -> str:
             extra={"parameter": "agent_id"},
         )
     return value
+
+
+def query_params(query_string: bytes) -> QueryParams:
+    """Parse a raw query string whose names and values must be UTF-8, else raise InvalidRequest."""
+    # Starlette decodes with errors="replace": `search=%FF` would reach upstream as U+FFFD, a value the client
+    # never sent.
+    try:
+        pairs = parse_qsl(query_string.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("query parameters must be percent-encoded UTF-8") from exc
+    return QueryParams(pairs)
 
 
 def strict_query(

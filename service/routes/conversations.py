@@ -237,7 +237,8 @@ async def list_conversations(request: Request) -> Response:
     settings = services.settings
     with headers_on_error(headers):
         sealer = CursorSealer(settings.elevenlabs_api_key.reveal())
-        params = list_query(request.query_params, principal, settings.allowed_agent_ids, sealer)
+        query = validation.query_params(request.scope["query_string"])
+        params = list_query(query, principal, settings.allowed_agent_ids, sealer)
         page = await services.upstream.list_conversations(params)
         if not isinstance(page, dict):
             raise UpstreamError("upstream returned a conversation list that is not an object")

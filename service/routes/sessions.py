@@ -68,7 +68,9 @@ async def _admit(request: Request, *, ignored: tuple[str, ...] = (), include_id:
     principal.require_scope(SESSION_SCOPE)
     optional = (INCLUDE_ID_PARAM,) if include_id else ()
     singles, _ = validation.strict_query(
-        request.query_params, single=("agent_id", "branch_id", *optional), ignored=ignored
+        validation.query_params(request.scope["query_string"]),
+        single=("agent_id", "branch_id", *optional),
+        ignored=ignored,
     )
     agent = validation.agent_id(singles.get("agent_id"))
     branch = _optional_id(singles, "branch_id")

@@ -110,6 +110,7 @@ ROWS: dict[str, Row] = {
     "agent-id-array": Row(get(f"{SIGNED_URL}?agent_id[]=agent_demo"), 422, INVALID),
     "page-size-twice": Row(get(f"{CONVERSATIONS}?page_size=1&page_size=100"), 422, INVALID),
     "bad-percent-encoding": Row(get(f"{SIGNED_URL}?agent_id=%zz%"), 422, INVALID),
+    "percent-encoding-not-utf8": Row(get(f"{CONVERSATIONS}?search=%FF%FE"), 422, INVALID),
     # Header injection.
     "request-id-bare-cr": Row(raw("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\rSet-Cookie: x=1\r\n\r\n"), 400),
     "request-id-bare-lf": Row(raw("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\nSet-Cookie: x=1\r\n\r\n"), 400),

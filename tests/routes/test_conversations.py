@@ -639,6 +639,22 @@ async def test_free_text_filters_take_any_text_without_control_characters(
     assert [tuple(item) for item in call["query"]] == [("user_id", "alice"), *query]
 
 
+@pytest.mark.parametrize(
+    "query_string",
+    ["search=%FF", "tool_names=caf%E9", "data_collection_params=city:eq:%C3", "search=ok&foo%FF=1"],
+    ids=["search-ff", "tool-latin1", "truncated-utf8", "name-not-utf8"],
+)
+async def test_percent_escapes_that_are_not_utf8_are_refused_before_upstream(
+    gateway: Gateway, query_string: str
+) -> None:
+    # They used to be decoded with errors="replace": `search=%FF` searched upstream for U+FFFD, a filter
+    # the client never sent.
+    response = await gateway.client.get(f"{LIST}?{query_string}", headers=gateway.headers("alice"))
+    assert response.status_code == 422, response.text
+    assert problem(response)["code"] == "invalid_request"
+    assert await upstream_calls(gateway) == []
+
+
 @pytest.mark.parametrize("query", INVALID_LIST_QUERIES, ids=lambda q: f"{q[0][0]}={str(q[0][1])[:20]}")
 async def test_invalid_list_parameters_are_refused_before_upstream(gateway: Gateway, query: Query) -> None:
     response = await gateway.client.get(LIST, params=query, headers=gateway.headers("alice"))

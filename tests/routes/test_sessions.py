@@ -397,6 +397,27 @@ async def test_invalid_query_is_422_before_upstream(
     assert await gateway.upstream_requests() == []
 
 
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("query_string", ["agent_id=agent_demo&branch_id=%FF", "agent_id=agent_dem%F6"])
+async def test_percent_escapes_that_are_not_utf8_are_422_before_upstream(
+    gateway: Gateway, route: str, query_string: str
+) -> None:
+    response = await gateway.client.get(f"{route}?{query_string}", headers=gateway.headers("u"))
+    assert response.status_code == 422, response.text
+    assert problem_code(response) == "invalid_request"
+    assert_no_store(response)
+    assert await gateway.upstream_requests() == []
+
+
+async def test_participant_name_not_utf8_is_422_on_the_token_route(gateway: Gateway) -> None:
+    # Ignored parameters are still parameters: a query that is not UTF-8 is refused as a whole.
+    response = await gateway.client.get(
+        f"{TOKEN}?agent_id=agent_demo&participant_name=%FF", headers=gateway.headers("u")
+    )
+    assert response.status_code == 422, response.text
+    assert await gateway.upstream_requests() == []
+
+
 async def test_include_conversation_id_true_from_an_upstream_client_is_accepted(
     gateway: Gateway, inspect: redis.Redis
 ) -> None:
