@@ -233,6 +233,19 @@ def headers_on_error(headers: Mapping[str, str]) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def upstream_not_found_is_an_error(detail: str) -> Iterator[None]:
+    """Turn a NotFound from an upstream call in the block into a 502 with `detail`: no resource is missing."""
+    # On the token and list routes an upstream 404 means an allowed agent upstream does not know (deleted there,
+    # or mistyped in ALLOWED_AGENT_IDS): the gateway's configuration is at fault, not the caller's request, and
+    # "no such conversation" would be false.
+    try:
+        yield
+    except NotFound as exc:
+        logger.warning("upstream answered 404: %s", detail)
+        raise UpstreamError(detail) from exc
+
+
 def problem_response(
     status: int,
     code: str,

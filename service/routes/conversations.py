@@ -39,6 +39,7 @@ from service.errors import (
     UnsupportedMediaType,
     UpstreamError,
     headers_on_error,
+    upstream_not_found_is_an_error,
 )
 from service.observability import audit, current_request_id
 from service.ownership import (
@@ -239,7 +240,8 @@ async def list_conversations(request: Request) -> Response:
         sealer = CursorSealer(settings.elevenlabs_api_key.reveal())
         query = validation.query_params(request.scope["query_string"])
         params = list_query(query, principal, settings.allowed_agent_ids, sealer)
-        page = await services.upstream.list_conversations(params)
+        with upstream_not_found_is_an_error("upstream answered 404 for the conversation list"):
+            page = await services.upstream.list_conversations(params)
         if not isinstance(page, dict):
             raise UpstreamError("upstream returned a conversation list that is not an object")
         body = dict(page)

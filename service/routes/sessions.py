@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from service import validation
 from service.auth import Principal
-from service.errors import InvalidRequest, UpstreamError, headers_on_error
+from service.errors import InvalidRequest, UpstreamError, headers_on_error, upstream_not_found_is_an_error
 from service.ledger import LedgerEntry
 from service.observability import audit, current_request_id
 from service.ratelimit import Decision, enforce
@@ -107,9 +107,10 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
         """Mint a signed WebSocket URL and record the caller as the conversation's owner."""
         admitted = await _admit(request, include_id=True)
         with headers_on_error(admitted.headers):
-            body = await admitted.services.upstream.get_signed_url(
-                admitted.agent_id, branch_id=admitted.branch_id
-            )
+            with upstream_not_found_is_an_error("upstream does not know this agent"):
+                body = await admitted.services.upstream.get_signed_url(
+                    admitted.agent_id, branch_id=admitted.branch_id
+                )
             signed_url = body.get("signed_url") if isinstance(body, dict) else None
             if not isinstance(signed_url, str) or not signed_url:
                 raise UpstreamError("upstream returned no signed URL")
@@ -131,9 +132,12 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
         """Mint a WebRTC conversation token whose participant is the caller."""
         admitted = await _admit(request, ignored=IGNORED_TOKEN_PARAMS)
         with headers_on_error(admitted.headers):
-            body = await admitted.services.upstream.get_webrtc_token(
-                admitted.agent_id, participant_name=admitted.principal.user_id, branch_id=admitted.branch_id
-            )
+            with upstream_not_found_is_an_error("upstream does not know this agent"):
+                body = await admitted.services.upstream.get_webrtc_token(
+                    admitted.agent_id,
+                    participant_name=admitted.principal.user_id,
+                    branch_id=admitted.branch_id,
+                )
             token = body.get("token") if isinstance(body, dict) else None
             if not isinstance(token, str) or not token:
                 raise UpstreamError("upstream returned no token")

@@ -553,6 +553,20 @@ async def test_list_forces_the_caller_and_passes_every_filter(gateway: Gateway) 
     assert "authorization" not in {name.lower() for name in call["headers"]}
 
 
+async def test_an_upstream_404_on_the_list_is_a_502_not_a_missing_conversation(gateway: Gateway) -> None:
+    # The list route exists whatever upstream says; a 404 from upstream there (an allowed agent it does not
+    # know) is a fault between the gateway and upstream, and it was answered "no such conversation".
+    fault = {"endpoint": "list", "kind": "status", "status": 404}
+    (await gateway.emulator.post("/_emulator/faults", json=fault)).raise_for_status()
+    response = await gateway.client.get(
+        LIST, params={"agent_id": "agent_demo"}, headers=gateway.headers("alice")
+    )
+    assert response.status_code == 502, response.text
+    assert problem(response)["code"] == "upstream_error"
+    assert response.headers["cache-control"] == "private, no-store"
+    assert response.headers["ratelimit"].startswith('"user-history"')
+
+
 async def test_list_returns_only_the_callers_conversations(gateway: Gateway) -> None:
     mine = {await seed(gateway, "alice"), await seed(gateway, "alice")}
     await seed(gateway, "bob")

@@ -499,11 +499,14 @@ async def test_rate_limit_stops_mints_before_upstream(gateway: Gateway, route: s
         ({"kind": "status", "status": 500}, 502, "upstream_error"),
         ({"kind": "status", "status": 503}, 502, "upstream_error"),
         ({"kind": "status", "status": 401}, 502, "upstream_error"),
+        # An allowed agent upstream does not know (deleted there, or a typo in ALLOWED_AGENT_IDS): the gateway's
+        # configuration is at fault, not the caller; it was a 404 "no such conversation" on a route that exists.
+        ({"kind": "status", "status": 404}, 502, "upstream_error"),
         ({"kind": "rate_limit", "retry_after": 7}, 429, "upstream_rate_limited"),
         ({"kind": "slow", "delay_seconds": 1.0}, 504, "upstream_timeout"),
         ({"kind": "malformed_json"}, 502, "upstream_error"),
     ],
-    ids=["500", "503", "401", "429", "timeout", "malformed"],
+    ids=["500", "503", "401", "404", "429", "timeout", "malformed"],
 )
 async def test_upstream_failures_map_to_gateway_errors_and_record_nothing(
     fast_gateway: Gateway, inspect: redis.Redis, route: str, fault: dict[str, Any], status: int, code: str
