@@ -131,9 +131,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             ),
             _repeated(
                 "data_collection_params",
-                # exists/missing take no value, gt/gte/lt/lte a number (upstream rejects anything else),
-                # in 1..200 characters of non-empty |-separated items.
-                "^[A-Za-z0-9_-]{1,128}:(exists|missing|(eq|neq):[^\\x00-\\x1f\\x7f-\\x9f]{1,200}"
+                # exists/missing ignore their value (empty or left out), gt/gte/lt/lte take a number (upstream
+                # rejects anything else), in 1..200 characters of non-empty |-separated items.
+                "^[A-Za-z0-9_-]{1,128}:((exists|missing)(:[^\\x00-\\x1f\\x7f-\\x9f]{0,200})?"
+                "|(eq|neq):[^\\x00-\\x1f\\x7f-\\x9f]{1,200}"
                 "|(gt|gte|lt|lte):-?[0-9]{1,20}(\\.[0-9]{1,20})?|in:[^\\x00-\\x1f\\x7f-\\x9f|](\\|?[^\\x00-\\x1f\\x7f-\\x9f|]){0,99})$",
                 "id:op:value; `in` takes pipe-delimited values",
             ),
@@ -197,8 +198,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         },
         responses={
             "200": _json({}),  # upstream's answer, any JSON ({} when it sends none)
-            "413": {"$ref": "#/components/responses/Invalid"},
-            "415": {"$ref": "#/components/responses/Invalid"},
+            "408": {"$ref": "#/components/responses/RequestTimeout"},
+            "413": {"$ref": "#/components/responses/PayloadTooLarge"},
+            "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
             **_ERRORS_OWNED,
         },
         tags=("conversations",),
@@ -236,8 +238,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
 }
 
 
-def _problem_response(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/problem+json": {"schema": PROBLEM}}}
+def _problem_response(description: str, *codes: str) -> dict[str, Any]:
+    # The `code`s a client can meet under this status (service.errors); the common Problem shape besides.
+    schema = {"allOf": [PROBLEM, {"properties": {"code": {"enum": list(codes)}}}]}
+    return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
 
 
 COMPONENTS: dict[str, Any] = {
@@ -261,14 +265,36 @@ COMPONENTS: dict[str, Any] = {
         },
     },
     "responses": {
-        "Unauthorized": _problem_response("Missing, invalid or expired token"),
-        "Forbidden": _problem_response("Missing scope, agent not allowed, or act-as not allowed"),
-        "NotFound": _problem_response("No such conversation for this caller"),
-        "Invalid": _problem_response("Invalid parameters or body"),
-        "RateLimited": _problem_response("Rate limited; see Retry-After"),
-        "UpstreamError": _problem_response("Upstream unreachable or failed"),
-        "Unavailable": _problem_response("A dependency (ledger, limiter) is unavailable"),
-        "UpstreamTimeout": _problem_response("Upstream timed out"),
+        "Unauthorized": _problem_response("Missing, invalid or expired token", "invalid_token"),
+        "Forbidden": _problem_response(
+            "Missing scope, agent not allowed, or act-as not allowed",
+            "insufficient_scope",
+            "agent_not_allowed",
+            "act_as_not_allowed",
+        ),
+        "NotFound": _problem_response("No such conversation for this caller", "not_found"),
+        "Invalid": _problem_response(
+            "Invalid parameters or body (invalid_cursor: a cursor not issued to this caller)",
+            "invalid_request",
+            "invalid_cursor",
+            "upstream_rejected",
+        ),
+        "RequestTimeout": _problem_response("The request body did not arrive in time", "request_timeout"),
+        "PayloadTooLarge": _problem_response("The request body is too large", "payload_too_large"),
+        "UnsupportedMediaType": _problem_response("The request body is not JSON", "unsupported_media_type"),
+        "RateLimited": _problem_response(
+            "Rate limited; see Retry-After", "rate_limited", "upstream_rate_limited"
+        ),
+        "UpstreamError": _problem_response("Upstream unreachable or failed", "upstream_error"),
+        "Unavailable": _problem_response(
+            "A dependency (ledger, limiter) is unavailable, or the gateway is shutting down; see Retry-After",
+            "unavailable",
+            "ledger_unavailable",
+            "rate_limiter_unavailable",
+            "audio_streams_busy",
+            "shutting_down",
+        ),
+        "UpstreamTimeout": _problem_response("Upstream timed out", "upstream_timeout"),
     },
 }
 

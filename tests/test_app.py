@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import httpx
 from openapi_spec_validator import validate
@@ -89,6 +91,72 @@ async def test_openapi_documents_exactly_the_mounted_routes(gateway: Gateway) ->
     }
     documented = {(method.upper(), path) for path, ops in document["paths"].items() for method in ops}
     assert documented == mounted == set(OPERATIONS)
+
+
+LIST = "/v1/convai/conversations"
+FEEDBACK = "/v1/convai/conversations/{conversation_id}/feedback"
+
+
+def documented_codes(document: dict[str, Any], method: str, path: str, status: int) -> set[str]:
+    """Return the problem `code`s the document lists for one status of one operation (empty when none)."""
+    response = document["paths"][path][method.lower()]["responses"].get(str(status))
+    if response is None:
+        return set()
+    if "$ref" in response:
+        response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    schema = response["content"]["application/problem+json"]["schema"]
+    codes: set[str] = set()
+    for part in schema.get("allOf", [schema]):
+        codes |= set(part.get("properties", {}).get("code", {}).get("enum", []))
+    return codes
+
+
+async def test_openapi_lists_the_status_and_code_of_each_refusal_the_routes_give(gateway: Gateway) -> None:
+    document = (await gateway.client.get("/openapi.json")).json()
+    alice = gateway.headers("alice")
+    as_json = {**alice, "Content-Type": "application/json"}
+    feedback = FEEDBACK.replace("{conversation_id}", "conv_missing")
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", FEEDBACK, {"url": feedback, "headers": alice, "content": b'{"feedback": "like"}'}),
+        ("POST", FEEDBACK, {"url": feedback, "headers": as_json, "content": b" " * 2000}),
+        ("POST", FEEDBACK, {"url": feedback, "headers": as_json, "content": b'{"feedback": 1}'}),
+        ("POST", FEEDBACK, {"url": feedback, "headers": as_json, "content": b'{"feedback": "like"}'}),
+        ("GET", LIST, {"url": LIST, "headers": alice, "params": {"cursor": "forged.cursor"}}),
+        ("GET", LIST, {"url": LIST, "headers": gateway.headers("alice", scopes="convai:session")}),
+        ("GET", LIST, {"url": LIST, "headers": alice, "params": {"agent_id": "agent_unlisted"}}),
+        ("GET", LIST, {"url": LIST, "headers": {"Authorization": "Bearer nope"}}),
+    ]
+    seen = set()
+    for method, path, request in cases:
+        response = await gateway.client.request(method, **request)
+        body = response.json()
+        seen.add((response.status_code, body["code"]))
+        assert body["code"] in documented_codes(document, method, path, response.status_code), (
+            method,
+            path,
+            response.status_code,
+            body,
+        )
+    assert {status for status, _ in seen} == {415, 413, 422, 404, 403, 401}, seen
+    # A body that never finishes arriving is a 408 (tests/observability/test_http_hygiene.py).
+    assert documented_codes(document, "POST", FEEDBACK, 408) == {"request_timeout"}
+
+
+async def test_openapi_patterns_accept_the_data_collection_filters_the_gateway_takes(
+    gateway: Gateway,
+) -> None:
+    document = (await gateway.client.get("/openapi.json")).json()
+    (param,) = [
+        p for p in document["paths"][LIST]["get"]["parameters"] if p["name"] == "data_collection_params"
+    ]
+    pattern = re.compile(param["schema"]["items"]["pattern"])
+    # README: "exists and missing ignore their value, which may be empty or left out".
+    for value in ("email:exists", "email:exists:", "email:missing:ignored", "city:eq:Oslo", "age:gte:18"):
+        response = await gateway.client.get(
+            LIST, params={"data_collection_params": value}, headers=gateway.headers("alice")
+        )
+        assert response.status_code == 200, (value, response.text)
+        assert pattern.search(value), value
 
 
 async def test_openapi_scopes_match_the_design(gateway: Gateway) -> None:
