@@ -260,7 +260,8 @@ async def test_wrong_method_is_a_405_problem_naming_every_method_of_the_path(gat
     # Two routes serve this path (details and delete): the Allow header names both.
     assert conversation.headers["allow"] == "DELETE, GET, HEAD"
     mint = await gateway.client.post("/v1/convai/conversation/get-signed-url", headers=headers)
-    assert (mint.status_code, mint.headers["allow"]) == (405, "GET, HEAD")
+    # A mint has effects a HEAD could not hand out: the token routes take GET only.
+    assert (mint.status_code, mint.headers["allow"]) == (405, "GET")
 
 
 async def test_security_headers_and_request_id_on_every_response(gateway: Gateway) -> None:

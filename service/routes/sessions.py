@@ -156,9 +156,19 @@ def make_routes(clock: Callable[[], float] = time.time) -> list[Route]:
         return _json(content, admitted.headers)
 
     return [
-        Route(SIGNED_URL_ROUTE, _no_store(get_signed_url), methods=["GET"], name="get_signed_url"),
-        Route(WEBRTC_TOKEN_ROUTE, _no_store(get_token), methods=["GET"], name="get_conversation_token"),
+        _get_only(Route(SIGNED_URL_ROUTE, _no_store(get_signed_url), methods=["GET"], name="get_signed_url")),
+        _get_only(
+            Route(WEBRTC_TOKEN_ROUTE, _no_store(get_token), methods=["GET"], name="get_conversation_token")
+        ),
     ]
+
+
+def _get_only(route: Route) -> Route:
+    """Take back the HEAD Starlette adds to a GET route: a HEAD would mint what it cannot hand out (405)."""
+    # A mint has effects (upstream, ledger, audit, session budget); a HEAD answer would drop the URL or token.
+    if route.methods is not None:
+        route.methods.discard("HEAD")
+    return route
 
 
 def conversation_id_from(body: Mapping[str, Any], signed_url: str) -> str:

@@ -474,6 +474,23 @@ async def test_participant_name_is_refused_on_the_signed_url_route(gateway: Gate
 
 
 @pytest.mark.parametrize("route", ROUTES)
+async def test_head_mints_nothing(gateway: Gateway, inspect: redis.Redis, route: str) -> None:
+    # A HEAD (curl -I, a link checker) ran the whole GET: an upstream mint, a ledger entry, an audit line and
+    # a unit of the caller's and the agent's session budget, for a URL or token nobody could ever read.
+    response = await gateway.client.head(
+        route, params={"agent_id": "agent_demo"}, headers=gateway.headers("u")
+    )
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.headers["cache-control"] == "no-store"
+    assert await gateway.upstream_requests() == []
+    assert list(inspect.scan_iter("ledger:*")) == []
+    minted = await gateway.client.get(route, params={"agent_id": "agent_demo"}, headers=gateway.headers("u"))
+    # The whole burst is still there: the HEAD cost nothing.
+    assert minted.headers["ratelimit"].startswith('"user-session";r=4;'), minted.headers["ratelimit"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 async def test_rate_limit_stops_mints_before_upstream(gateway: Gateway, route: str) -> None:
     statuses = []
     for _ in range(8):
