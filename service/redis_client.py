@@ -1,6 +1,7 @@
 """Build the process's one Redis client from `RedisTopology`: a URL, a Sentinel group, or a Cluster.
 
-Every client gets short socket and connect timeouts and never retries a timeout: redis-py's default
+Every client gets a short time budget (socket timeouts; for pipelining clients, a deadline per batch) and
+never retries a timeout: redis-py's default
 retries a timed-out command three times with back-off, which would turn a 100 ms budget into seconds.
 A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). The rate
 limiter's circuit breaker decides what happens when Redis is slow or gone; the ledger fails closed.
@@ -42,8 +43,11 @@ def _retry_policy() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
-def _timeouts(timeout: float) -> dict[str, Any]:
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
+def _timeouts(timeout: float, client_class: type[Redis] = Redis) -> dict[str, Any]:
+    # A pipelining client bounds each whole batch instead (`PipeliningRedis.batch_timeout`): redis-py's
+    # socket timeout would put every command's send under a task of its own.
+    socket_timeout = None if issubclass(client_class, PipeliningRedis) else timeout
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
 
 
 # Replies are decoded as UTF-8 with bad bytes replaced: with "strict", one stored value that is not UTF-8
@@ -75,15 +79,16 @@ def create_redis(
         # Cluster-level retries (MOVED/ASK redirections are followed regardless) stay off too.
         return BudgetedRedisCluster.from_url(topology.url, **_DECODING, **_timeouts(timeout))
     else:
-        client = client_class.from_url(topology.url, **_DECODING, **_timeouts(timeout))
+        client = client_class.from_url(topology.url, **_DECODING, **_timeouts(timeout, client_class))
     if isinstance(client, PipeliningRedis):
         client.pipeline_limit = pipeline_limit
+        client.batch_timeout = timeout
     return client
 
 
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
     # Credentials and the database of the master come from REDIS_URL when one is given alongside.
-    master_kwargs: dict[str, Any] = {**_DECODING, **_timeouts(timeout)}
+    master_kwargs: dict[str, Any] = {**_DECODING, **_timeouts(timeout, client_class)}
     if topology.url:
         parts = urlsplit(topology.url)
         if parts.username:

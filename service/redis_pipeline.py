@@ -8,12 +8,17 @@ to fill: a batch leaves at the end of the loop turn in which its first command w
 holds `pipeline_limit` commands, so a lone command pays one extra loop turn and no timer.
 
 What each command keeps: its own reply or its own command error (a NOSCRIPT reaches only the script's
-caller, never its neighbours; an argument that cannot be encoded fails its caller before it is queued); the
-socket timeout bounds each reply read, as before. A connection error or a timeout fails every command of its
-batch, as it would have failed each of them on that connection; the client's retry policy retries the batch
-like a single command. Blocking commands (BLPOP...) must not be sent
-through it, and it never sees the commands bound to one connection: `pipeline()` (MULTI/WATCH) and
-`pubsub()` bypass `execute_command`.
+caller, never its neighbours; an argument that cannot be encoded fails its caller before it is queued). A
+connection error or a timeout fails every command of its batch, as it would have failed each of them on that
+connection; the client's retry policy retries the batch like a single command.
+
+The time budget: a whole batch (waiting for a pooled connection, connecting, sending, the one retry and
+every reply) must finish within `batch_timeout`, or each of its callers gets redis-py's TimeoutError and the
+connection is dropped. The builder sets it to the Redis budget and turns redis-py's per-socket-operation
+timeout off for these clients: with it on, redis-py sends every command under `asyncio.wait_for`, which on
+Python 3.11 starts a task per command (~100 k instructions per command; ~80 k per gateway request).
+Consequently `pipeline()` (MULTI/WATCH) and `pubsub()`, which bypass `execute_command`, carry no deadline
+of their own here: wrap them in `asyncio.timeout`. Blocking commands (BLPOP...) must not be sent through it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_PIPELINE_LIMIT = 100
 
@@ -38,6 +44,7 @@ class PipeliningRedis(Redis):
         # Set by the builder (`service.redis_client`) right after construction: redis-py's `from_url` and
         # Sentinel's `master_for` pass their keyword arguments to the connection pool, not to the client.
         self.pipeline_limit = DEFAULT_PIPELINE_LIMIT
+        self.batch_timeout: float | None = None  # seconds; None = no deadline
         self._queued: list[_Queued] = []
         self._send_scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -79,19 +86,27 @@ class PipeliningRedis(Redis):
 
     async def _send(self, batch: list[_Queued]) -> None:
         try:
-            if len(batch) == 1:
-                # A lone command goes out as itself: a one-command pipeline would only cost more.
-                args, options, reply = batch[0]
-                results: list[Any] = [await super().execute_command(*args, **options)]  # type: ignore[no-untyped-call]
-            else:
-                pipe = self.pipeline(transaction=False)
-                for args, options, _ in batch:
-                    pipe.execute_command(*args, **options)
-                results = await pipe.execute(raise_on_error=False)
+            async with asyncio.timeout(self.batch_timeout):
+                if len(batch) == 1:
+                    # A lone command goes out as itself: a one-command pipeline would only cost more.
+                    args, options, reply = batch[0]
+                    results: list[Any] = [await super().execute_command(*args, **options)]  # type: ignore[no-untyped-call]
+                else:
+                    pipe = self.pipeline(transaction=False)
+                    for args, options, _ in batch:
+                        pipe.execute_command(*args, **options)
+                    results = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for _, _, reply in batch:
                 reply.cancel()
             raise
+        except TimeoutError:
+            # asyncio's deadline, not redis-py's: callers see the error type a socket timeout gave them.
+            error = RedisTimeoutError(f"Redis did not answer within {self.batch_timeout} s")
+            for _, _, reply in batch:
+                if not reply.done():
+                    reply.set_exception(error)
+            return
         except Exception as exc:
             # Every caller of the batch sees the one error, as every awaiter of a failed gather does.
             for _, _, reply in batch:

@@ -23,14 +23,26 @@ from tests.support.servers import RedisServer, free_port
 async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url: str) -> None:
     client = create_redis(RedisTopology(url=redis_url), timeout=0.25)
     try:
-        assert isinstance(client, Redis)
+        assert isinstance(client, PipeliningRedis)
         kwargs = client.connection_pool.connection_kwargs
-        assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
+        # The budget bounds each whole batch; redis-py's per-operation socket timeout stays off.
+        assert client.batch_timeout == 0.25 and kwargs["socket_timeout"] is None
+        assert kwargs["socket_connect_timeout"] == 0.25
         # One immediate reconnect after a connection error (stale pooled connection), never a timeout retry.
         assert kwargs["retry"].get_retries() == 1
         assert await client.ping()
         decision = await RedisRateLimiter(client).acquire([Hit(policy(), "user:url")])
         assert decision.allowed
+    finally:
+        await close_redis(client)
+
+
+async def test_a_client_without_pipelining_keeps_the_socket_timeout(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=0.25, pipeline_limit=1)
+    try:
+        assert type(client) is Redis
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.25
+        assert await client.ping()
     finally:
         await close_redis(client)
 
@@ -87,6 +99,8 @@ async def test_sentinel_topology_resolves_the_master(
     client = create_redis(topology, timeout=0.5)
     try:
         assert isinstance(client, PipeliningRedis)  # the master client pipelines like a standalone one
+        assert client.batch_timeout == 0.5
+        assert client.connection_pool.connection_kwargs["socket_timeout"] is None
         attached = getattr(client, "_convai_sentinel", None)
         assert isinstance(attached, Sentinel)
         assert attached.sentinels[0].connection_pool.connection_kwargs["retry"].get_retries() == 1

@@ -154,7 +154,7 @@ async def test_a_dead_server_fails_every_caller_then_the_client_recovers(
     assert list(await asyncio.gather(client.set("k", "v"), client.get("missing"))) == [True, None]
 
 
-async def test_a_stalled_server_fails_the_batch_within_the_socket_timeout(
+async def test_a_stalled_server_fails_the_batch_within_its_deadline(
     make_client: MakeClient, redis_server: RedisServer
 ) -> None:
     client = make_client(timeout=0.1)
@@ -165,9 +165,27 @@ async def test_a_stalled_server_fails_the_batch_within_the_socket_timeout(
     finally:
         await asyncio.to_thread(sleeper.recv, 64)
         sleeper.close()
-    # Timeouts, not replies: the 100 ms socket timeout ended the batch while the server still slept.
+    # Timeouts, not replies: the 100 ms batch deadline ended the batch while the server still slept.
     assert all(isinstance(failure, RedisTimeoutError) for failure in failures), failures
     assert await client.get("k0") is None  # the timed-out connection was dropped, not reused out of step
+
+
+async def test_a_lone_command_to_a_stalled_server_times_out_and_the_connection_is_not_reused(
+    make_client: MakeClient, redis_server: RedisServer
+) -> None:
+    client = make_client(timeout=0.1)
+    assert await client.set("k", "before")
+    sleeper = await asyncio.to_thread(start_debug_sleep, redis_server.port, 0.6)
+    try:
+        # Bounded from outside: without its own deadline the command would wait out the whole sleep.
+        with pytest.raises(RedisTimeoutError, match="did not answer"):
+            await asyncio.wait_for(client.set("k", "during"), timeout=0.4)
+    finally:
+        await asyncio.to_thread(sleeper.recv, 64)
+        sleeper.close()
+    # The SET may have run once the server woke; its late +OK must not be read as the next reply.
+    assert await client.get("missing") is None
+    assert await client.get("k") in ("before", "during")
 
 
 async def test_close_sends_what_is_queued_and_waits_for_batches_in_flight(
