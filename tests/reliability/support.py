@@ -110,7 +110,13 @@ class ServedGateway:
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """Return an httpx client for this gateway (the caller closes it)."""
         kwargs.setdefault("timeout", 15.0)
-        kwargs.setdefault("limits", httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        # Idle connections are dropped before the server's 5 s keep-alive closes them: with both at 5 s (httpx's
+        # default), a request sent on a connection the server is closing fails with RemoteProtocolError,
+        # seen once in the load test on a machine starved of CPU.
+        kwargs.setdefault(
+            "limits",
+            httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0),
+        )
         return httpx.AsyncClient(base_url=self.url, **kwargs)
 
 
