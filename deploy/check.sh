@@ -580,8 +580,16 @@ check(
 # Defaults alone are not a working configuration: the init container must refuse them, naming why.
 docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "default.yaml"))) if d]
 posture(docs, "default")
+default_env = materialize(docs, "default")
+# The proxies in front of a pod (AWS ALB, ingress-nginx) keep idle connections for 60 s: a gateway that closes
+# them first races the proxy's next request on them, and the client gets a sporadic 502.
+keep_alive = default_env.get("KEEP_ALIVE_TIMEOUT_SECONDS", "5")
+check(
+    keep_alive.isdigit() and int(keep_alive) > 60,
+    f"default: KEEP_ALIVE_TIMEOUT_SECONDS {keep_alive} does not outlast a 60 s proxy idle timeout",
+)
 try:
-    load_settings(materialize(docs, "default"))
+    load_settings(default_env)
     failures.append("default: load_settings accepted a config with no key, agents or token issuer")
 except ConfigError as exc:
     wanted = ("ELEVENLABS_API_KEY", "ALLOWED_AGENT_IDS", "JWT_HS256_SECRET")

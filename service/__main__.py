@@ -84,7 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,  # one structured line per request comes from the app itself
         timeout_graceful_shutdown=args.graceful_timeout,
-        timeout_keep_alive=5,
+        # Behind a proxy this must outlast the proxy's idle timeout: a connection the gateway closes first can
+        # meet a request the proxy has just sent on it, and the client gets a 502.
+        timeout_keep_alive=args.keep_alive_timeout or settings.keep_alive_timeout_seconds,
         http=HeaderDeadlineProtocol,  # uvicorn's httptools protocol with a request-header deadline
         # The gateway serves no WebSocket: with uvicorn's WebSocket protocol on, an upgrade request skipped the
         # app's access log and uvicorn logged its raw path and query, tokens included. Now it is a plain request.
@@ -398,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--graceful-timeout", type=int, default=20, help="seconds to finish in-flight requests"
+    )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=_integer_between(1, 3600),
+        default=None,
+        help="seconds an idle connection is kept open (default: KEEP_ALIVE_TIMEOUT_SECONDS or 5); "
+        "behind a proxy, longer than its idle timeout",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -147,6 +147,7 @@ class Settings:
     upstream_max_audio_streams: int = 50
     request_body_timeout_seconds: float = 10.0
     request_header_timeout_seconds: float = 10.0
+    keep_alive_timeout_seconds: int = 5
     egress_proxy_url: Secret | None = None
     gateway_config: str | None = None
 
@@ -787,6 +788,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         request_header_timeout_seconds=reader.number(
             "REQUEST_HEADER_TIMEOUT_SECONDS", 10.0, low=0.05, high=600
         ),
+        keep_alive_timeout_seconds=reader.integer("KEEP_ALIVE_TIMEOUT_SECONDS", 5, low=1, high=3600),
         egress_proxy_url=_egress_proxy(reader),
         gateway_config=reader.raw("GATEWAY_CONFIG"),
     )

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import gateway_env
 from tests.support.servers import free_port
-from tests.test_serve import slow_list_in_flight, wait_until_ready
+from tests.test_serve import _read_response, _read_until_closed, slow_list_in_flight, wait_until_ready
 
 LIST = "/v1/convai/conversations"
 
@@ -203,3 +203,61 @@ def test_an_unusable_metrics_directory_is_one_clear_line_not_a_traceback_or_a_cr
     assert result.returncode == 2
     assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _get(sock: socket.socket) -> bytes:
+    """Send one GET /healthz on a kept-alive connection and return its complete response."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    return _read_response(sock)
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_an_idle_connection_is_closed_at_the_configured_keep_alive_timeout(
+    start_serve: StartServe, how: str
+) -> None:
+    # Ordered on the server's one event loop, not timed: A goes idle before B connects, so A's 1 s keep-alive
+    # timer runs out before B's 1 s header deadline; by the time B's 408 has ended, A has been closed.
+    if how == "option":
+        served = start_serve("--keep-alive-timeout", "1", REQUEST_HEADER_TIMEOUT_SECONDS="1")
+    else:
+        served = start_serve(KEEP_ALIVE_TIMEOUT_SECONDS="1", REQUEST_HEADER_TIMEOUT_SECONDS="1")
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as idle:
+        assert _get(idle).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as silent:
+            assert _read_until_closed(silent).startswith(b"HTTP/1.1 408 ")
+        idle.setblocking(False)
+        assert idle.recv(4096) == b"", "the idle connection outlived a 1 s keep-alive timeout"
+
+
+def test_the_default_keep_alive_outlasts_a_one_second_deadline(start_serve: StartServe) -> None:
+    # The default (5 s) is kept for a gateway exposed directly: B, connecting after A went idle, is refused at
+    # its 1 s header deadline while A stays open and serves a second request.
+    served = start_serve(REQUEST_HEADER_TIMEOUT_SECONDS="1")
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as idle:
+        assert _get(idle).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as silent:
+            assert _read_until_closed(silent).startswith(b"HTTP/1.1 408 ")
+        assert _get(idle).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    ("args", "overrides", "fragment"),
+    [
+        (("--keep-alive-timeout", "0"), {}, "--keep-alive-timeout"),
+        (("--keep-alive-timeout", "soon"), {}, "--keep-alive-timeout"),
+        ((), {"KEEP_ALIVE_TIMEOUT_SECONDS": "0"}, "KEEP_ALIVE_TIMEOUT_SECONDS: must be between"),
+        ((), {"KEEP_ALIVE_TIMEOUT_SECONDS": "a minute"}, "KEEP_ALIVE_TIMEOUT_SECONDS: expected an integer"),
+    ],
+)
+def test_serve_refuses_a_bad_keep_alive_timeout_naming_it(
+    emulator_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    args: tuple[str, ...],
+    overrides: dict[str, str],
+    fragment: str,
+) -> None:
+    env = serve_env(emulator_url, redis_url, tmp_path, **overrides)
+    result = _serve_once(env, "--port", str(free_port()), *args)
+    assert result.returncode == 2
+    assert fragment in result.stderr and "Traceback" not in result.stderr
