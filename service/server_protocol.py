@@ -9,9 +9,10 @@ a kept-alive connection, including bytes such as a lone CRLF that begin no reque
 `service.http_hygiene`).
 
 httptools sets no limit on the size of a header block, so a client could also push megabytes of headers into the
-process within the deadline. A request line and headers over `MAX_HEADER_BYTES`, or more than `MAX_HEADER_COUNT`
-header lines, get `431 Request Header Fields Too Large` and the connection is closed (nginx's defaults are smaller:
-4 x 8 KiB; a bearer token here is at most 8 KiB).
+process within the deadline. A request line and headers over `MAX_HEADER_BYTES`, more than `MAX_HEADER_COUNT`
+header lines, or a request target over `MAX_TARGET_BYTES`, get `431 Request Header Fields Too Large` and the
+connection is closed (nginx's defaults are smaller: 4 x 8 KiB; a bearer token here is at most 8 KiB). Bytes httptools
+cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ logger = logging.getLogger("service.server")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 100
+# httptools' URL parser refuses a longer request target (its offsets are 16-bit): such a request fits the header
+# block only without header lines, and is refused as too large rather than as not HTTP.
+MAX_TARGET_BYTES = 65535
 # Per header line, what on_header's name and value leave out: ": " and CRLF.
 _HEADER_LINE_OVERHEAD = 4
 
@@ -124,7 +128,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         self._in_header_block = False
         self._header_bytes = 0
-        if self._header_count > MAX_HEADER_COUNT or self._parsed_header_bytes > MAX_HEADER_BYTES:
+        if (
+            self._header_count > MAX_HEADER_COUNT
+            or self._parsed_header_bytes > MAX_HEADER_BYTES
+            or len(self.url) > MAX_TARGET_BYTES
+        ):
             self._refuse_headers()
             return
         super().on_headers_complete()
@@ -151,14 +159,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Answer a request httptools cannot parse with a 400 problem and close (uvicorn's is plain text)."""
-        self.transport.write(
+        # Like a 408 or 431, it waits for a response still being sent to a request pipelined before it:
+        # written at once, it cut that response off, or came before it.
+        self._refuse(
             connection_refusal(400, "bad_request", "Bad request", "the request is not valid HTTP/1.1")
         )
-        self.transport.close()
 
     def _refuse_headers(self) -> None:
         logger.info("closing a connection whose request headers were too large (431)")
-        detail = f"request line and headers must fit in {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} lines"
+        detail = (
+            f"request line and headers must fit in {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} lines,"
+            f" the request target in {MAX_TARGET_BYTES} bytes"
+        )
         self._refuse(
             connection_refusal(431, "request_headers_too_large", "Request header fields too large", detail)
         )

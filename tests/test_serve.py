@@ -260,6 +260,44 @@ def test_unparsable_request_gets_a_400_problem(served: Served) -> None:
     assert_connection_problem(answer, "bad_request")
 
 
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        # A reviewer saw uvicorn's plain-text "400 Invalid HTTP request received." for a ~100 KB URL.
+        (
+            b"GET /healthz?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: gateway\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        # A 65,536-byte target alone fits the 64 KiB block but not httptools' URL parser (at most 65,535 bytes):
+        # it was a 400 "not valid HTTP/1.1", although the request is merely too large.
+        (
+            b"GET /healthz?q=" + b"a" * (MAX_HEADER_BYTES - len(b"/healthz?q=")) + b" HTTP/1.1\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n", 431, "request_headers_too_large"),
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),  # a malformed request line
+        (b"GET /a b HTTP/1.1\r\nHost: gateway\r\n\r\n", 400, "bad_request"),  # a space in the target
+        (b"GET /healthz HTTP/9.9\r\nHost: gateway\r\n\r\n", 400, "bad_request"),  # no such version
+    ],
+    ids=["url-100KB", "url-64KiB", "header-100KB", "200-headers", "garbage", "space-in-target", "version"],
+)
+def test_oversized_and_malformed_requests_get_a_problem(
+    served: Served, request_head: bytes, status: int, code: str
+) -> None:
+    with _connect(served) as sock:
+        sock.sendall(request_head)
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert_connection_problem(answer, code)
+
+
 def assert_connection_problem(answer: bytes, code: str) -> None:
     """Check a refusal written below the app has the app's error shape: problem body, id, headers, close."""
     head, _, body = answer.partition(b"\r\n\r\n")

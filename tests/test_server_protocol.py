@@ -83,3 +83,21 @@ def test_refusal_of_a_pipelined_request_waits_for_the_response_in_progress(
     response, _, refusal = (first + rest).partition(b"0\r\n\r\n")  # the end of the chunked 200
     assert response.endswith(b"1\r\nb\r\n"), response
     assert refusal.startswith(b"HTTP/1.1 " + status + b" "), refusal[:80]
+
+
+def test_an_unparsable_pipelined_request_is_refused_after_the_response_in_progress(
+    header_timeout: None,
+) -> None:
+    # Its 400 was written at once: before the valid request's response, which was then never sent.
+    release = threading.Event()
+    with serve(held_response_app(release), lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\nGARBAGE\r\n\r\n")
+            first = sock.recv(65536)
+            release.set()
+            rest = read_until_closed(sock)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:80]
+    response, _, refusal = (first + rest).partition(b"0\r\n\r\n")  # the end of the chunked 200
+    assert response.endswith(b"1\r\nb\r\n"), response
+    assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:80]
+    assert b"application/problem+json" in refusal
