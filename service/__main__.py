@@ -214,6 +214,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from service.dev_tokens import mint_token
     from service.emulator import create_emulator_app
     from service.observability import configure_logging
+    from service.server_protocol import HeaderDeadlineProtocol
 
     env = _dev_environment(args.port, args.emulator_port)
     os.environ.update(env)
@@ -275,6 +276,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 access_log=False,
                 server_header=False,
                 ws="none",  # as in `serve`: the gateway serves no WebSocket
+                # As in `serve`: oversized, slow or malformed requests get the gateway's problems, not uvicorn's
+                # plain text, so what a developer sees here is what production answers.
+                http=HeaderDeadlineProtocol,
             )
         ),
     ]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from service.settings import load_settings
 from tests.auth.support import public_pem
 from tests.support.dev_command import running_dev_command
 from tests.support.servers import RedisServer, free_port
+from tests.test_serve import assert_connection_problem
+from tests.test_server_protocol import read_until_closed
 
 SECRET = "cli-secret-0123456789abcdef0123456789abcdef"
 VALID_ENV = {
@@ -249,3 +252,28 @@ def test_dev_names_its_redis_without_the_password() -> None:
         server.close()
     assert f"Redis: redis://127.0.0.1:{server.port}/0" in banner, banner
     assert password not in banner
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (
+            b"GET /healthz?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: gateway\r\n\r\n",
+            431,
+            "request_headers_too_large",
+        ),
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+    ],
+    ids=["url-100KB", "garbage"],
+)
+def test_dev_refuses_oversized_and_malformed_requests_as_serve_does(
+    request_head: bytes, status: int, code: str
+) -> None:
+    # `dev` ran uvicorn's own HTTP protocol: a ~100 KB URL or a malformed request line got its plain-text
+    # "400 Invalid HTTP request received.", where `serve` answers with the gateway's problems.
+    with running_dev_command() as dev:
+        with socket.create_connection(("127.0.0.1", dev.port), timeout=10) as sock:
+            sock.sendall(request_head)
+            answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert_connection_problem(answer, code)
