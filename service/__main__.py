@@ -276,6 +276,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 access_log=False,
                 server_header=False,
                 ws="none",  # as in `serve`: the gateway serves no WebSocket
+                # As in `serve`: client IPs come from TRUSTED_PROXIES only (service.client_ip); uvicorn's
+                # default let any local client rewrite its IP with X-Forwarded-For.
+                proxy_headers=False,
                 # As in `serve`: oversized, slow or malformed requests get the gateway's problems, not uvicorn's
                 # plain text, so what a developer sees here is what production answers.
                 http=HeaderDeadlineProtocol,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +279,33 @@ def test_dev_refuses_oversized_and_malformed_requests_as_serve_does(
             answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert_connection_problem(answer, code)
+
+
+def test_dev_ignores_x_forwarded_for_as_serve_does() -> None:
+    # uvicorn's proxy-header handling was on in `dev` (`serve` turns it off): a local client could rewrite the
+    # client IP that rate limits and the access log use, with any X-Forwarded-For.
+    request_id = "xff-" + secrets.token_hex(8)
+    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev:
+        output = dev.process.stdout
+        assert output is not None
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for printed in output:
+                lines.put(printed)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        response = httpx.get(
+            f"http://127.0.0.1:{dev.port}/healthz",
+            headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": request_id},
+        )
+        assert response.status_code == 200
+        while True:  # the request's access line (queue.Empty after 10 s fails the test)
+            line = lines.get(timeout=10)
+            if request_id in line:
+                break
+        dev.process.terminate()
+        reader.join(timeout=20)
+    access = json.loads(line)
+    assert access["client_ip"] == "127.0.0.1", access
