@@ -26,7 +26,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir /wheels/convai_gateway-*.whl \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
-    && /opt/venv/bin/python -c "import service.app, service.emulator" \
+    && /opt/venv/bin/python -c "import service.app, service.emulator, service.healthcheck" \
     && /opt/venv/bin/convai-gateway --help >/dev/null
 
 # ---- runtime: interpreter + venv only, no build tools, non-root -----------------------
@@ -61,9 +61,10 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080
 
-# No curl in the image: the interpreter does the probe. urlopen raises on non-2xx.
+# No curl in the image: the interpreter does the probe, at the address HOST and PORT name (HOST=0.0.0.0 via
+# 127.0.0.1, HOST=:: via ::1, which a fixed 127.0.0.1 missed); any non-2xx answer is unhealthy.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=2)"]
+    CMD ["python", "-m", "service.healthcheck"]
 
 ENTRYPOINT ["convai-gateway"]
 CMD ["serve"]

@@ -109,6 +109,25 @@ missing = {"pip", "setuptools", "wheel"} - uninstalled
 if missing:
     sys.exit(f"the runtime stage keeps the base image's {sorted(missing)} in /usr/local (pip uninstall them there)")
 print("the runtime stage removes the base interpreter's pip, setuptools and wheel")
+
+# The HEALTHCHECK must probe where the gateway listens: a fixed http://127.0.0.1 fails with HOST=:: (asyncio
+# binds :: IPv6-only). service.healthcheck follows HOST and PORT; its own timeout must end before Docker's.
+sys.path.insert(0, ".")
+from service.healthcheck import PROBE_TIMEOUT_SECONDS, healthz_url
+
+checks = re.findall(r"(?m)^HEALTHCHECK\s+(.*?)\s+CMD\s+(.*)$", runtime)
+if len(checks) != 1:
+    sys.exit(f"the runtime stage needs exactly one HEALTHCHECK, found {len(checks)}")
+options, command = checks[0]
+if command.strip() != '["python", "-m", "service.healthcheck"]':
+    sys.exit(f"HEALTHCHECK must run python -m service.healthcheck (HOST-aware), not {command.strip()}")
+timeout = re.search(r"--timeout=(\d+)s\b", options)
+if timeout is None or int(timeout.group(1)) <= PROBE_TIMEOUT_SECONDS:
+    sys.exit(f"HEALTHCHECK --timeout must exceed the probe's own {PROBE_TIMEOUT_SECONDS:g} s: {options}")
+for host, wanted in (("0.0.0.0", "127.0.0.1"), ("::", "[::1]")):
+    if f"//{wanted}:" not in healthz_url({"HOST": host}):
+        sys.exit(f"the healthcheck does not reach a gateway bound to HOST={host} over {wanted}")
+print("the HEALTHCHECK probes /healthz where HOST and PORT say the gateway listens (0.0.0.0 and ::)")
 PY
 
 step "image runtime dependencies: every package service/ imports comes with the wheel"
@@ -668,6 +687,25 @@ try:
     print("deploy/docker-compose.yml: gateway environment accepted by load_settings")
 except ConfigError as exc:
     failures.append(f"docker-compose gateway env: {exc.problems}")
+# `docker compose stop`/`down` sends SIGTERM and kills after stop_grace_period (default 10 s); serve drains
+# in-flight requests for up to --graceful-timeout (default 20 s), so a shorter grace period cuts them off.
+from service.__main__ import build_parser
+
+
+def seconds(duration: str) -> float:
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        failures.append(f"docker-compose: stop_grace_period {duration!r} is not a duration")
+    unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+drain = build_parser().parse_args(gw["command"]).graceful_timeout
+grace = seconds(str(gw.get("stop_grace_period", "10s")))
+if grace <= drain:
+    failures.append(f"docker-compose: gateway stop_grace_period {grace:g} s does not outlast its {drain} s drain")
+else:
+    print(f"deploy/docker-compose.yml: gateway stop_grace_period {grace:g} s outlasts its {drain} s drain")
 if services["emulator"]["command"][:1] != ["emulator"]:
     failures.append("docker-compose: emulator service must run `convai-gateway emulator`")
 

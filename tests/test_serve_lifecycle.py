@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.healthcheck import healthz_url
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import gateway_env
 from tests.support.servers import free_port
@@ -261,3 +263,45 @@ def test_serve_refuses_a_bad_keep_alive_timeout_naming_it(
     result = _serve_once(env, "--port", str(free_port()), *args)
     assert result.returncode == 2
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def dockerfile_healthcheck() -> list[str]:
+    """Return the Dockerfile's HEALTHCHECK command (exec form), run with this interpreter."""
+    text = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK\b.*?\bCMD\s+(\[.*\])\s*$", text, re.MULTILINE)
+    assert match is not None, "no exec-form HEALTHCHECK in the Dockerfile"
+    command: list[str] = json.loads(match.group(1))
+    assert command[0] == "python", command
+    return [sys.executable, *command[1:]]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_image_healthcheck_reaches_serve_on_the_address_it_listens_on(
+    emulator_url: str, redis_url: str, tmp_path: Path, host: str
+) -> None:
+    # The image's HEALTHCHECK called 127.0.0.1 whatever HOST said: with HOST=:: (an IPv6 pod or network) the
+    # container was reported unhealthy while it served. Loopback addresses stand in for the wildcards here.
+    env = serve_env(emulator_url, redis_url, tmp_path, HOST=host)
+    served = Serve([], env, tmp_path / "serve.log")
+    try:
+        authority = f"[{host}]" if ":" in host else host
+        wait_until_ready(f"http://{authority}:{served.port}", served.process)
+        env["PORT"] = str(served.port)
+        probe = subprocess.run(dockerfile_healthcheck(), env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        served.close()
+    assert probe.returncode == 0, probe.stderr[-600:]
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8080/healthz"),  # noqa: S104 - the image's default HOST, not a bind
+        ("::", "http://[::1]:8080/healthz"),
+        ("", "http://127.0.0.1:8080/healthz"),  # unset: serve's own default
+        (" 10.1.2.3 ", "http://10.1.2.3:8080/healthz"),  # a specific address is probed as given
+        ("fd00::5", "http://[fd00::5]:8080/healthz"),
+    ],
+)
+def test_the_healthcheck_probes_a_wildcard_bind_over_loopback_of_its_family(host: str, url: str) -> None:
+    assert healthz_url({"HOST": host}) == url
