@@ -25,6 +25,8 @@ from service.ledger import (
     LedgerUnavailable,
     RedisLedger,
     build_ledger,
+    decode_entry,
+    encode_entry,
     ledger_key,
 )
 from service.ratelimit import Decision, Hit, RedisRateLimiter
@@ -188,6 +190,33 @@ async def test_redis_unreadable_entry_fails_closed(redis_ledger: RedisLedger, in
         await redis_ledger.lookup("conv_bad")
     with pytest.raises(LedgerUnavailable):
         await redis_ledger.lookup_many(["conv_partial"])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "",
+        " " + encode_entry(LedgerEntry("user_a", "agent_a", 1)),
+        encode_entry(LedgerEntry("user_a", "agent_a", 1)) + " trailing",
+        encode_entry(LedgerEntry("user_a", "agent_a", 1)) + "{}",
+        '{"user":"user_a","agent_id":"agent_a","minted_at":true}',
+        '{"user":"user_a","agent_id":"agent_a","minted_at":1.5}',
+        '{"user":"user_a","agent_id":7,"minted_at":1}',
+        '["user_a","agent_a",1]',
+        b"\xff\xfe",
+    ],
+)
+def test_decode_entry_refuses_anything_but_one_entry(raw: str | bytes) -> None:
+    with pytest.raises(LedgerUnavailable, match="unreadable"):
+        decode_entry(raw)
+
+
+@pytest.mark.parametrize("encoded", [str, lambda text: text.encode("utf-8")])
+def test_decode_entry_reads_back_what_encode_entry_wrote(encoded: Callable[[str], str | bytes]) -> None:
+    original = LedgerEntry("usér_ä", "agent_a", 1_764_000_000)
+
+    assert decode_entry(encoded(encode_entry(original))) == original
 
 
 async def test_redis_outage_raises_ledger_unavailable_and_ping_is_false(
