@@ -60,7 +60,12 @@ def create_app(settings: Settings) -> Starlette:
         on_circuit=metrics.circuit_state,
     )
     ledger = build_ledger(settings, redis)
-    guard = IpAuthFailureGuard(limiter, settings.rate_limits["ip-auth-failure"], settings.trusted_proxies)
+    guard = IpAuthFailureGuard(
+        limiter,
+        settings.rate_limits["ip-auth-failure"],
+        settings.trusted_proxies,
+        ipv6_prefix=settings.rate_limit_ipv6_prefix,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:

@@ -10,6 +10,10 @@ that is not trusted is the client. Anything further left was written by that cli
 - An entry that is not an IP address (`unknown`, garbage, an empty element) stops the walk: the result is
   the last trusted hop seen, because nothing to the left of a malformed entry can be attributed.
 - `host:port`, `[v6]:port` and IPv4-mapped IPv6 forms are normalised to the bare address.
+
+Limits key a client by what it controls (`client_block`): an IPv4 address, or the IPv6 network of
+`RATE_LIMIT_IPV6_PREFIX` bits (default /64) around an IPv6 address, since one IPv6 client is routinely
+given a whole /64 and may use any address in it. Logs and audit lines keep the full address.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from service.settings import IPNetwork
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 UNKNOWN_CLIENT = "unknown"
+# The smallest IPv6 assignment an end site gets (RFC 6177): every address in it may be the same client.
+DEFAULT_IPV6_PREFIX = 64
 _XFF = b"x-forwarded-for"
 
 
@@ -49,6 +55,17 @@ def parse_ip(value: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=4096)
+def client_block(client: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """Return the address block a client controls: an IPv4 address itself, an IPv6 one's /`ipv6_prefix`."""
+    address = parse_ip(client)
+    if address is None:
+        return client
+    if address.version == 4:
+        return str(address)  # an IPv4-mapped IPv6 address is that IPv4 client
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 
 
 def is_trusted(address: IPAddress, trusted_proxies: Iterable[IPNetwork]) -> bool:

@@ -49,7 +49,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from service.client_ip import client_ip
+from service.client_ip import DEFAULT_IPV6_PREFIX, client_block, client_ip
 from service.errors import GatewayError, RateLimited, ServiceUnavailable
 from service.redis_client import REDIS_ERRORS
 from service.settings import IPNetwork, RateLimitPolicy, RedisErrorMode, Settings
@@ -724,7 +724,11 @@ async def enforce(
 
 
 class IpAuthFailureGuard:
-    """Counts failed authentications per client IP and blocks an IP once `ip-auth-failure` rejects it."""
+    """Counts failed authentications per client address block and blocks it once `ip-auth-failure` rejects.
+
+    The block is an IPv4 address, or the IPv6 network of `ipv6_prefix` bits around an IPv6 address: an IPv6
+    client holds at least a /64, and keyed per address it would rotate through it and never be limited.
+    """
 
     def __init__(
         self,
@@ -734,20 +738,24 @@ class IpAuthFailureGuard:
         clock: Clock = time.monotonic,
         *,
         max_blocked: int = 10_000,
+        ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
     ) -> None:
         """Use `limiter` for the shared count; blocks are remembered locally (bounded by `max_blocked`)."""
+        if not 32 <= ipv6_prefix <= 128:
+            raise ValueError("ipv6_prefix must be between 32 and 128")
         self._limiter = limiter
         self._policy = policy
         self._trusted = trusted_proxies
         self._clock = clock
         self._max_blocked = max_blocked
+        self._ipv6_prefix = ipv6_prefix
         self._blocked: OrderedDict[str, float] = OrderedDict()
 
     async def check(self, scope: Any) -> GatewayError | None:
         """Return RateLimited when the request's client IP is currently blocked, else None."""
         if not self._blocked:
             return None
-        ip = client_ip(scope, self._trusted)
+        ip = self._client_block(scope)
         until = self._blocked.get(ip)
         if until is None:
             return None
@@ -763,7 +771,7 @@ class IpAuthFailureGuard:
 
     async def record(self, scope: Any) -> GatewayError | None:
         """Count one failed authentication; return RateLimited (and block the IP) when over the limit."""
-        ip = client_ip(scope, self._trusted)
+        ip = self._client_block(scope)
         try:
             decision = await self._limiter.acquire([Hit(self._policy, f"ip:{ip}")])
         except ServiceUnavailable:
@@ -778,3 +786,6 @@ class IpAuthFailureGuard:
         exc = rate_limited(decision)
         exc.detail = "too many failed authentications from this address"
         return exc
+
+    def _client_block(self, scope: Any) -> str:
+        return client_block(client_ip(scope, self._trusted), self._ipv6_prefix)

@@ -133,6 +133,7 @@ class Settings:
     ledger_ttl_days: int = 90
     rate_limit_on_redis_error: RedisErrorMode = "local"
     rate_limits: Mapping[str, RateLimitPolicy] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    rate_limit_ipv6_prefix: int = 64
     trusted_proxies: tuple[IPNetwork, ...] = ()
     cors_allowed_origins: tuple[str, ...] = ()
     redact_fields: tuple[str, ...] = ()
@@ -769,6 +770,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "RATE_LIMIT_ON_REDIS_ERROR", "local", REDIS_ERROR_MODES
         ),
         rate_limits=_rate_limits(reader, toml.get("rate_limits")),
+        # Shorter than /32 would lump whole providers together; /128 counts each address (no aggregation).
+        rate_limit_ipv6_prefix=reader.integer("RATE_LIMIT_IPV6_PREFIX", 64, low=32, high=128),
         trusted_proxies=_trusted_proxies(reader),
         cors_allowed_origins=_cors_origins(reader),
         redact_fields=reader.csv("REDACT_FIELDS"),

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.client_ip import client_ip, parse_ip
+from service.client_ip import client_block, client_ip, parse_ip
 from service.settings import IPNetwork
 
 TRUSTED: tuple[IPNetwork, ...] = (
@@ -63,6 +63,25 @@ def test_only_trusted_peers_are_believed_and_the_right_most_untrusted_hop_is_the
 
 def test_without_trusted_proxies_the_peer_is_the_client() -> None:
     assert client_ip(scope("10.0.0.1", "198.51.100.1"), ()) == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("client", "prefix", "expected"),
+    [
+        ("203.0.113.9", 64, "203.0.113.9"),  # IPv4: the address itself, whatever the IPv6 prefix
+        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6/128"),
+        ("::ffff:203.0.113.9", 64, "203.0.113.9"),  # IPv4-mapped: the IPv4 client it is
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("testclient", 64, "testclient"),  # not an IP socket: left as it is
+    ],
+)
+def test_client_block_is_the_ipv4_address_or_the_ipv6_network(
+    client: str, prefix: int, expected: str
+) -> None:
+    assert client_block(client, prefix) == expected
 
 
 def test_parse_ip_rejects_garbage() -> None:

@@ -40,11 +40,16 @@ def test_minimal_environment_gives_documented_defaults() -> None:
     assert settings.rate_limit_on_redis_error == "local"
     assert settings.redis_timeout_seconds == pytest.approx(0.1)
     assert settings.redis_pipeline_limit == 100
+    assert settings.rate_limit_ipv6_prefix == 64
     assert settings.egress_proxy_url is None
     assert settings.request_header_timeout_seconds == pytest.approx(10.0)
     assert settings.redis_url is None
     assert dict(settings.rate_limits) == dict(DEFAULT_RATE_LIMITS)
     assert settings.issuers[0].algorithms == ("HS256",)
+
+
+def test_ipv6_prefix_of_the_auth_failure_limit_is_read() -> None:
+    assert load_settings({**GOOD, "RATE_LIMIT_IPV6_PREFIX": "56"}).rate_limit_ipv6_prefix == 56
 
 
 def test_every_contract_name_is_read() -> None:
@@ -102,6 +107,9 @@ def test_every_contract_name_is_read() -> None:
         ("PORT", "70000", "PORT: must be between"),
         ("REDIS_PIPELINE_LIMIT", "-1", "REDIS_PIPELINE_LIMIT: must be between 0 and 10000"),
         ("REDIS_PIPELINE_LIMIT", "many", "REDIS_PIPELINE_LIMIT: expected an integer"),
+        ("RATE_LIMIT_IPV6_PREFIX", "31", "RATE_LIMIT_IPV6_PREFIX: must be between 32 and 128"),
+        ("RATE_LIMIT_IPV6_PREFIX", "129", "RATE_LIMIT_IPV6_PREFIX: must be between 32 and 128"),
+        ("RATE_LIMIT_IPV6_PREFIX", "/64", "RATE_LIMIT_IPV6_PREFIX: expected an integer"),
         ("UPSTREAM_MAX_AUDIO_STREAMS", "101", "UPSTREAM_MAX_AUDIO_STREAMS: must be between 1 and 100"),
         ("UPSTREAM_MAX_AUDIO_STREAMS", "0", "UPSTREAM_MAX_AUDIO_STREAMS: must be between 1 and 100"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),

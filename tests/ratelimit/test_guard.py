@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
+from service.dev_tokens import mint_token
 from service.errors import RateLimited
 from service.ratelimit import IpAuthFailureGuard, LocalRateLimiter, RedisRateLimiter
 from service.settings import RateLimitPolicy
 from tests.ratelimit.conftest import ManualClock
+from tests.support.gateway import Gateway
 
 POLICY = RateLimitPolicy("ip-auth-failure", 3, 60, 3)
 PROXY = (ipaddress.ip_network("10.0.0.0/8"),)
@@ -90,3 +96,76 @@ async def test_blocked_memory_is_bounded() -> None:
         assert isinstance(await guard.record(ip), RateLimited)
     blocked = [await guard.check(scope(f"198.51.100.{index}")) for index in range(20)]
     assert [b is not None for b in blocked] == [False] * 15 + [True] * 5
+
+
+# An IPv6 client is handed at least a /64 and picks any address in it, so counting per address never limits it.
+V6_NET = "2001:db8:aa:bb"
+
+
+async def test_ipv6_failures_count_per_64_whatever_address_the_client_rotates_to(
+    aredis: aioredis.Redis,
+) -> None:
+    clock = ManualClock()
+    guard = IpAuthFailureGuard(RedisRateLimiter(aredis), POLICY, (), clock)
+    for host in range(1, 4):
+        assert await guard.record(scope(f"{V6_NET}::{host:x}")) is None
+    blocked = await guard.record(scope(f"{V6_NET}:1234:5678:9abc:def0"))
+    assert isinstance(blocked, RateLimited) and blocked.status == 429
+    # Every address of that /64 is refused before it can try again; the neighbouring /64 is not.
+    assert isinstance(await guard.check(scope(f"{V6_NET}:ffff:ffff:ffff:ffff")), RateLimited)
+    assert isinstance(await guard.check(scope(f"[{V6_NET}::77]:443")), RateLimited)
+    assert await guard.check(scope("2001:db8:aa:bc::1")) is None
+    assert await aredis.keys("rl:*") == [f"rl:{{ip:{V6_NET}::/64}}:ip-auth-failure"]
+
+
+async def test_ipv6_prefix_length_is_configurable() -> None:
+    clock = ManualClock()
+    per_48 = IpAuthFailureGuard(LocalRateLimiter(clock), POLICY, (), clock, ipv6_prefix=48)
+    for net in ("2001:db8:aa:1::1", "2001:db8:aa:2::1", "2001:db8:aa:3::1"):
+        assert await per_48.record(scope(net)) is None
+    assert isinstance(await per_48.record(scope("2001:db8:aa:4::1")), RateLimited)
+    assert await per_48.check(scope("2001:db8:ab::1")) is None
+
+    per_address = IpAuthFailureGuard(LocalRateLimiter(clock), POLICY, (), clock, ipv6_prefix=128)
+    for host in range(1, 10):
+        assert await per_address.record(scope(f"{V6_NET}::{host}")) is None
+
+
+async def test_ipv4_counts_per_address_and_ipv4_mapped_ipv6_as_ipv4() -> None:
+    clock = ManualClock()
+    guard = IpAuthFailureGuard(LocalRateLimiter(clock), POLICY, PROXY, clock)
+    assert await guard.record(scope("203.0.113.9")) is None
+    assert await guard.record(scope("::ffff:203.0.113.9")) is None
+    assert await guard.record(scope("10.0.0.1", "::ffff:203.0.113.9")) is None
+    assert isinstance(await guard.record(scope("203.0.113.9")), RateLimited)
+    # IPv4 is not aggregated: the neighbour in the same /24 (or /31) is another client.
+    assert await guard.check(scope("203.0.113.8")) is None
+    assert isinstance(await guard.check(scope("::ffff:203.0.113.9")), RateLimited)
+
+
+def test_an_ipv6_prefix_outside_32_to_128_is_refused() -> None:
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        IpAuthFailureGuard(LocalRateLimiter(), POLICY, (), ipv6_prefix=31)
+
+
+async def test_gateway_limits_an_ipv6_client_rotating_through_its_64(
+    make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]], tmp_path: Path
+) -> None:
+    # Real JWTs through the whole app and the private Redis; the client IP arrives through a trusted proxy.
+    config = tmp_path / "gateway.toml"
+    config.write_text("[rate_limits.ip-auth-failure]\nlimit = 3\nperiod_seconds = 60\nburst = 3\n")
+    async with make_gateway(GATEWAY_CONFIG=str(config), TRUSTED_PROXIES="203.0.113.7/32") as gw:
+        forged = mint_token("another-secret-0123456789abcdef0123456789ab", "mallory")
+
+        async def call(client: str, token: str) -> int:
+            response = await gw.client.get(
+                "/v1/convai/conversations",
+                headers={"Authorization": f"Bearer {token}", "X-Forwarded-For": client},
+            )
+            return response.status_code
+
+        # Each failure from a fresh address of the same /64.
+        assert [await call(f"{V6_NET}::{host:x}", forged) for host in range(1, 5)] == [401, 401, 401, 429]
+        valid = gw.token("mallory")
+        assert await call(f"{V6_NET}:dead:beef:0:1", valid) == 429
+        assert await call("2001:db8:aa:bc::1", valid) == 200
