@@ -3,8 +3,10 @@
 Every client gets a short time budget (socket timeouts; for pipelining clients, a deadline per batch) and
 never retries a timeout: redis-py's default
 retries a timed-out command three times with back-off, which would turn a 100 ms budget into seconds.
-A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). The rate
-limiter's circuit breaker decides what happens when Redis is slow or gone; the ledger fails closed.
+A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). A Cluster client
+also bounds each command as a whole by the timeout (`BudgetedRedisCluster`): redis-py waits on its own after
+some replies (250 ms after CLUSTERDOWN), where no socket timeout applies. The rate limiter's circuit
+breaker decides what happens when Redis is slow or gone; the ledger fails closed.
 Clients connect lazily, so building one does not need a running event loop or a reachable server.
 Standalone and Sentinel clients pipeline implicitly (`service.redis_pipeline`, `REDIS_PIPELINE_LIMIT`);
 Cluster clients send commands one by one, since a batch there would have to be split per node.
@@ -12,7 +14,8 @@ Cluster clients send commands one by one, since a batch there would have to be s
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -20,8 +23,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
 from service.settings import RedisTopology
@@ -57,10 +60,24 @@ _DECODING: dict[str, Any] = {"decode_responses": True, "encoding_errors": "repla
 
 
 class BudgetedRedisCluster(RedisCluster):
-    """A RedisCluster that retries connection errors but never a timeout (the Redis time budget holds)."""
+    """A RedisCluster whose commands each end within `command_timeout`, retrying connection errors only."""
 
-    # redis-py retries the exact types listed here whatever the Retry's supported_errors say.
-    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
+    # redis-py retries the exact types listed here whatever the Retry's supported_errors say. Not a timeout
+    # (the budget would double), nor CLUSTERDOWN or an uncovered slot: redis-py meets each of those by
+    # closing every node's connections and sleeping 250 ms, so one retry cost 500 ms and a topology refresh.
+    ERRORS_ALLOW_RETRY = (RedisConnectionError,)  # type: ignore[assignment]
+
+    # Seconds one command may take as a whole (set by `create_redis` to the Redis timeout; None: unbounded).
+    # Socket timeouts bound each wait on a node, not the waits redis-py adds itself: the 250 ms sleep after
+    # CLUSTERDOWN, 50 ms sleeps on TRYAGAIN, redirections and topology refreshes.
+    command_timeout: float | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one command like RedisCluster; raise TimeoutError when it outlasts `command_timeout`."""
+        if self.command_timeout is None:
+            return await super().execute_command(*args, **kwargs)
+        async with asyncio.timeout(self.command_timeout):
+            return await super().execute_command(*args, **kwargs)
 
 
 def create_redis(
@@ -77,7 +94,12 @@ def create_redis(
         raise ValueError("no Redis configured: set REDIS_URL or redis.sentinels")
     elif topology.cluster:
         # Cluster-level retries (MOVED/ASK redirections are followed regardless) stay off too.
-        return BudgetedRedisCluster.from_url(topology.url, **_DECODING, **_timeouts(timeout))
+        cluster = cast(
+            BudgetedRedisCluster,
+            BudgetedRedisCluster.from_url(topology.url, **_DECODING, **_timeouts(timeout)),
+        )
+        cluster.command_timeout = timeout
+        return cluster
     else:
         client = client_class.from_url(topology.url, **_DECODING, **_timeouts(timeout, client_class))
     if isinstance(client, PipeliningRedis):

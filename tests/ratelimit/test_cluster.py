@@ -287,3 +287,159 @@ async def test_gateway_starts_while_the_cluster_is_down(
             headers=gw.headers("alice"),
         )
         assert minted.status_code == 503 and minted.json()["code"] == "ledger_unavailable"
+
+
+# ---------------------------------------------------------------------------------------------- cluster down
+
+
+def owner_port(nodes: list[RedisServer], key: str) -> int:
+    """Return the port of the master that serves `key`'s slot, as the cluster's topology says."""
+    slot = key_slot(key.encode())
+    with contextlib.closing(nodes[0].client()) as client:
+        ranges = client.cluster("slots")
+    return next(int(primary[1]) for start, end, primary, *_ in ranges if start <= slot <= end)
+
+
+def on_node(nodes: list[RedisServer], port: int, prefix: str) -> str:
+    """Return the first `<prefix><n>` whose slot the master on `port` serves."""
+    return next(f"{prefix}{n:026d}" for n in range(10_000) if owner_port(nodes, f"{prefix}{n:026d}") == port)
+
+
+def rejected(node: sync_redis.Redis) -> Counter[str]:
+    """Return how many commands of each kind `node` refused unexecuted (CLUSTERDOWN, MOVED...)."""
+    stats = node.info("commandstats")
+    return Counter(
+        {name.removeprefix("cmdstat_"): int(entry.get("rejected_calls", 0)) for name, entry in stats.items()}
+    )
+
+
+@contextlib.contextmanager
+def cluster_down_on(nodes: list[RedisServer], key: str) -> Iterator[sync_redis.Redis]:
+    """Unassign `key`'s slot on its master: that master answers every keyed command with CLUSTERDOWN."""
+    port = owner_port(nodes, key)
+    slot = key_slot(key.encode())
+    node = next(n for n in nodes if n.port == port).client()
+    try:
+        node.cluster("delslots", slot)
+        # Condition wait: the master leaves the `ok` state in its next event-loop turn.
+        deadline = time.monotonic() + 10
+        while node.cluster("info")["cluster_state"] != "fail":
+            assert time.monotonic() < deadline, "the master never reported the cluster down"
+            time.sleep(0.01)
+        # The other masters still assign the slot to it: the topology clients read stays complete.
+        with contextlib.closing(next(n for n in nodes if n.port != port).client()) as other:
+            assert other.cluster("info")["cluster_state"] == "ok"
+        yield node
+    finally:
+        node.cluster("addslots", slot)
+        deadline = time.monotonic() + 10
+        while node.cluster("info")["cluster_state"] != "ok":
+            assert time.monotonic() < deadline, "the master never recovered"
+            time.sleep(0.01)
+        node.close()
+
+
+# REDIS_TIMEOUT_MS for the tests below: twice the default, so that a loaded machine still re-reads the topology
+# and reconnects (redis-py drops every connection after a CLUSTERDOWN) within one command's budget.
+BUDGET = 0.2
+
+
+async def test_a_cluster_down_reply_is_one_attempt_bounded_by_the_redis_timeout(
+    cluster: RedisCluster, cluster_nodes: list[RedisServer]
+) -> None:
+    # redis-py meets CLUSTERDOWN by closing every node's connections and sleeping 250 ms, and it retried: each
+    # command cost 2 attempts and 500 ms against a 100 ms REDIS_TIMEOUT_MS, and the ledger has no breaker.
+    from service.ledger import LedgerEntry, LedgerUnavailable, RedisLedger, ledger_key
+    from service.ratelimit import RateLimiterUnavailable
+
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=BUDGET)
+    try:
+        limiter = RedisRateLimiter(redis)
+        ledger = RedisLedger(redis, ttl_days=1)
+        hit = Hit(policy("user-history", limit=1000, period=60, burst=1000), "user:down")
+        port = owner_port(cluster_nodes, state_key(hit))
+        conversation = on_node(cluster_nodes, port, "conv_")
+        assert owner_port(cluster_nodes, ledger_key(conversation)) == port
+        entry = LedgerEntry("down", "agent_demo", 1_700_000_000)
+        assert (await limiter.acquire([hit])).allowed  # topology, connections and script in place
+        await ledger.record(conversation, entry)
+
+        with cluster_down_on(cluster_nodes, state_key(hit)) as node:
+            before = rejected(node)
+            # Event-based deadlines, far above the bound: a hung command fails the test instead of hanging it.
+            with pytest.raises(RateLimiterUnavailable):
+                await asyncio.wait_for(limiter.acquire([hit]), 5)
+            with pytest.raises(LedgerUnavailable):
+                await asyncio.wait_for(ledger.record(conversation, entry), 5)
+            with pytest.raises(LedgerUnavailable):
+                await asyncio.wait_for(ledger.lookup(conversation), 5)
+            # One attempt each at most (the retry made it two, each followed by a 250 ms sleep). The ledger's may
+            # not reach the node at all: redis-py drops every connection after a CLUSTERDOWN, and on a loaded
+            # machine re-reading the topology and reconnecting can use up the next command's budget first.
+            seen = rejected(node) - before
+            assert seen["evalsha"] == 1 and set(seen) <= {"evalsha", "set", "get"}, seen
+            assert max(seen.values()) == 1, seen
+
+            # Bounded by the budget, 12 lookups take about 12 x 200 ms; with 2 attempts and 2 x 250 ms of
+            # sleep each they took over 6 s, more than the deadline.
+            async def lookups() -> None:
+                for _ in range(12):
+                    with pytest.raises(LedgerUnavailable):
+                        await ledger.lookup(conversation)
+
+            before = rejected(node)
+            await asyncio.wait_for(lookups(), 5)
+            seen = rejected(node) - before
+            assert set(seen) <= {"get"} and seen["get"] <= 12, seen
+
+        # The master serves its slot again: the next commands succeed, no restart, no new client.
+        assert await ledger.lookup(conversation) == entry
+        assert (await limiter.acquire([hit])).allowed
+    finally:
+        await close_redis(redis)
+
+
+async def test_gateway_on_a_cluster_down_master_fails_closed_within_the_budget(
+    cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    from pathlib import Path
+
+    from service.ledger import ledger_key
+    from tests.conftest import EMULATOR_API_KEY
+    from tests.support.gateway import run_gateway
+
+    for node in cluster_nodes:
+        with contextlib.closing(node.client()) as client:
+            client.flushall()
+    config = Path(str(tmp_path)) / "gateway.toml"
+    config.write_text("[redis]\ncluster = true\n")
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    user = "down-user"
+    user_key = state_key(Hit(policy("user-history"), f"user:{user}"))
+    port = owner_port(cluster_nodes, user_key)
+    conversation = on_node(cluster_nodes, port, "conv_")
+    assert owner_port(cluster_nodes, ledger_key(conversation)) == port
+    for mode in ("closed", "local"):
+        env = {
+            "GATEWAY_CONFIG": str(config),
+            "RATE_LIMIT_ON_REDIS_ERROR": mode,
+            "REDIS_TIMEOUT_MS": str(int(BUDGET * 1000)),
+        }
+        async with run_gateway(emulator_url, EMULATOR_API_KEY, seed, env) as gw:
+            path = f"/v1/convai/conversations/{conversation}"
+            # Real JWTs; the first request warms the topology and the script.
+            assert (await gw.client.get(path, headers=gw.headers(user))).status_code == 404
+            with cluster_down_on(cluster_nodes, user_key) as master:
+                before = rejected(master)
+                refused = await asyncio.wait_for(gw.client.get(path, headers=gw.headers(user)), 5)
+                seen = rejected(master) - before
+            if mode == "closed":
+                # The limiter follows RATE_LIMIT_ON_REDIS_ERROR: a 503, never a 500, after one attempt.
+                assert refused.status_code == 503 and refused.json()["code"] == "rate_limiter_unavailable"
+                assert seen == Counter({"evalsha": 1})
+            else:
+                # `local` limits in process; the ledger has no fallback and fails closed after one attempt at most
+                # (none when the reconnect redis-py forces after a CLUSTERDOWN outlasts its budget).
+                assert refused.status_code == 503 and refused.json()["code"] == "ledger_unavailable"
+                assert seen["evalsha"] == 1 and set(seen) <= {"evalsha", "get"} and seen["get"] <= 1, seen
