@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis as sync_redis
@@ -168,20 +169,23 @@ async def test_ledger_round_trips_across_cluster_slots(cluster: RedisCluster) ->
     assert await ledger.ping()
 
 
-async def test_gateway_on_a_cluster_mints_and_enforces_ownership(
-    cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
-) -> None:
-    from pathlib import Path
-
-    from tests.conftest import EMULATOR_API_KEY
-    from tests.support.gateway import run_gateway
-
+def empty_cluster_config(cluster_nodes: list[RedisServer], directory: object) -> tuple[str, str]:
+    """Flush every node and write a GATEWAY_CONFIG selecting Cluster mode; return its path and a seed URL."""
     for node in cluster_nodes:
         with contextlib.closing(node.client()) as client:
             client.flushall()
-    config = Path(str(tmp_path)) / "gateway.toml"
+    config = Path(str(directory)) / "gateway.toml"
     config.write_text("[redis]\ncluster = true\n")
-    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    return str(config), f"redis://127.0.0.1:{cluster_nodes[0].port}"
+
+
+async def test_gateway_on_a_cluster_mints_and_enforces_ownership(
+    cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    from tests.conftest import EMULATOR_API_KEY
+    from tests.support.gateway import run_gateway
+
+    config, seed = empty_cluster_config(cluster_nodes, tmp_path)
     async with run_gateway(emulator_url, EMULATOR_API_KEY, seed, {"GATEWAY_CONFIG": str(config)}) as gw:
         assert (await gw.client.get("/readyz")).status_code == 200
         minted = await gw.client.get(
@@ -403,18 +407,11 @@ async def test_a_cluster_down_reply_is_one_attempt_bounded_by_the_redis_timeout(
 async def test_gateway_on_a_cluster_down_master_fails_closed_within_the_budget(
     cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
 ) -> None:
-    from pathlib import Path
-
     from service.ledger import ledger_key
     from tests.conftest import EMULATOR_API_KEY
     from tests.support.gateway import run_gateway
 
-    for node in cluster_nodes:
-        with contextlib.closing(node.client()) as client:
-            client.flushall()
-    config = Path(str(tmp_path)) / "gateway.toml"
-    config.write_text("[redis]\ncluster = true\n")
-    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    config, seed = empty_cluster_config(cluster_nodes, tmp_path)
     user = "down-user"
     user_key = state_key(Hit(policy("user-history"), f"user:{user}"))
     port = owner_port(cluster_nodes, user_key)
