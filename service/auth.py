@@ -330,7 +330,7 @@ def act_as(principal: Principal, on_behalf_of: Sequence[str]) -> Principal:
     if ACT_AS_SCOPE not in principal.scopes:
         raise ActAsNotAllowed(f"X-On-Behalf-Of requires scope {ACT_AS_SCOPE}")
     if len(on_behalf_of) != 1:
-        raise InvalidRequest("x-on-behalf-of must be sent once", extra={"parameter": "x-on-behalf-of"})
+        raise InvalidRequest("X-On-Behalf-Of must be sent once", extra={"parameter": "X-On-Behalf-Of"})
     user_id = on_behalf_of[0]
     if _ON_BEHALF_OF.fullmatch(user_id) is None:
         raise InvalidRequest(
