@@ -2,7 +2,8 @@
 //
 // Environment: E2E_PAGE_URL (the page), E2E_WEB_DIR (deploy/examples/web, whose node_modules has
 // playwright-core), E2E_ARTIFACTS (screenshots go there), E2E_FORBIDDEN (JSON list of strings the page must
-// never receive), CHROMIUM (executable, default /usr/bin/chromium).
+// never receive), E2E_EXPIRED_TOKEN (a JWT for carol that expired long ago), CHROMIUM (executable, default
+// /usr/bin/chromium).
 // Prints one JSON line with what it saw; exits 1 with a message on the first failed expectation.
 
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
@@ -17,6 +18,7 @@ const { chromium } = require("playwright-core");
 const PAGE_URL = env.E2E_PAGE_URL;
 const ARTIFACTS = env.E2E_ARTIFACTS;
 const FORBIDDEN = JSON.parse(env.E2E_FORBIDDEN ?? "[]");
+const EXPIRED_TOKEN = env.E2E_EXPIRED_TOKEN;
 const STEP_TIMEOUT = 10_000;
 const CHROMIUM_FLAGS = [
   "--no-sandbox",
@@ -59,7 +61,7 @@ async function until(check, message, timeout = STEP_TIMEOUT) {
 }
 
 // Everything the page receives: every HTTP response (status, headers, body) and every WebSocket frame.
-function record(page, received, problems, expected404s = new Set()) {
+function record(page, received, problems, expectedFailures = new Set()) {
   const pending = [];
   page.on("response", (response) => {
     pending.push(
@@ -90,8 +92,8 @@ function record(page, received, problems, expected404s = new Set()) {
   });
   page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
   page.on("console", (message) => {
-    // Chromium logs every 404 a page fetches; only the 404s a test provokes on purpose are not problems.
-    const provoked = message.text().includes("status of 404") && expected404s.has(message.location().url);
+    // Chromium logs every 4xx a page fetches; only the failures a test provokes on purpose are not problems.
+    const provoked = /status of 4\d\d/.test(message.text()) && expectedFailures.has(message.location().url);
     if (message.type() === "error" && !provoked) problems.push(`console error: ${message.text()}`);
   });
   return () => Promise.all(pending);
@@ -226,10 +228,29 @@ async function main() {
       });
       return { status: response.status, body: await response.json() };
     }, probe.href);
+
+    // Carol's token expired long ago (as any token does while its page stays open): the page must drop it and
+    // ask for a new sign-in, not keep saying "Signed in" while every call is refused.
+    step("carol signs in with an expired token");
+    const carol = await other.newPage();
+    watched = carol;
+    const listUrl = new URL("/v1/convai/conversations?page_size=20", probe).href;
+    const flushCarol = record(carol, received, problems, new Set([listUrl]));
+    await carol.goto(PAGE_URL);
+    await carol.waitForSelector("body[data-ready=true]");
+    await carol.fill("#token", EXPIRED_TOKEN);
+    await carol.click("#sign-in");
+    const shown = await until(() => carol.textContent("#error"), "the page to report the refused token");
+    result.carol = { error: shown, who: await carol.textContent("#who") };
+    expect(result.carol.who === "Signed out", `an expired token leaves the page signed out, got ${result.carol.who}`);
+    expect(/sign in again/i.test(shown), `the page asks for a new sign-in, got ${shown}`);
+    await carol.close();
+    watched = bob;
+
     step("screenshot of bob's page");
     await bob.screenshot({ path: join(ARTIFACTS, "web-example-bob.png"), fullPage: true });
     step("collecting every response body the pages received");
-    await Promise.all([flushAlice(), flushBob()]);
+    await Promise.all([flushAlice(), flushBob(), flushCarol()]);
     step("scanning them");
 
     const leaks = [];

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ class DevStack:
     gateway_port: int
     emulator_url: str
     api_key: str
+    expired_token: str
 
     @property
     def page_url(self) -> str:
@@ -98,9 +100,13 @@ def dev_stack() -> Iterator[DevStack]:
     settings = load_settings(env)
     issuer = settings.issuers[0]
 
-    def mint(sub: str) -> str:
+    def mint(sub: str, now: float | None = None) -> str:
         return mint_token(
-            env["JWT_HS256_SECRET"], sub, issuer=issuer.issuer, audience=(issuer.audiences or (None,))[0]
+            env["JWT_HS256_SECRET"],
+            sub,
+            issuer=issuer.issuer,
+            audience=(issuer.audiences or (None,))[0],
+            now=now,
         )
 
     emulator_app.target = create_emulator_app(env["ELEVENLABS_API_KEY"], seed=True)
@@ -112,7 +118,9 @@ def dev_stack() -> Iterator[DevStack]:
     try:
         gateway.start()
         try:
-            yield DevStack(gateway.port, emulator.url, env["ELEVENLABS_API_KEY"])
+            # Issued two days ago for an hour: expired whatever the leeway.
+            expired = mint("carol", now=time.time() - 2 * 86_400)
+            yield DevStack(gateway.port, emulator.url, env["ELEVENLABS_API_KEY"], expired)
         finally:
             gateway.stop()
     finally:
@@ -128,6 +136,7 @@ def run_browser_flow(stack: DevStack) -> dict[str, Any]:
         "E2E_ARTIFACTS": str(ARTIFACTS),
         # The key itself, and the header that would carry it: neither may ever reach the browser.
         "E2E_FORBIDDEN": json.dumps([stack.api_key, "xi-api-key"]),
+        "E2E_EXPIRED_TOKEN": stack.expired_token,
         "CHROMIUM": CHROMIUM,
     }
     node = shutil.which("node") or "node"
@@ -186,6 +195,8 @@ def test_browser_talks_to_an_agent_lists_its_history_and_sends_feedback_without_
     assert set(seen["bob"]["listed"]) == BOBS_SEEDED
     assert seen["bob"]["feedbackOnAlices"]["status"] == 404
     assert seen["bob"]["feedbackOnAlices"]["body"]["code"] == "not_found"
+    # Carol's expired token: the page signed her out and asked for a new sign-in.
+    assert seen["carol"]["who"] == "Signed out"
 
     # Every HTTP response and WebSocket frame the pages received was scanned for the key.
     received = seen["received"]

@@ -31,7 +31,8 @@ function subjectOf(token) {
 
 // Every gateway call: bearer token in, problem+json errors out as exceptions with the server's detail.
 async function gateway(path, { method = "GET", body } = {}) {
-  const headers = { Authorization: `Bearer ${session.token}` };
+  const { token } = session;
+  const headers = { Authorization: `Bearer ${token}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(new URL(path, config.gatewayUrl), {
     method,
@@ -39,6 +40,12 @@ async function gateway(path, { method = "GET", body } = {}) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const data = await response.json().catch(() => null);
+  if (response.status === 401) {
+    // The token expired (or was revoked) while the page stayed open: every later call would be refused too, so
+    // forget it and ask for a new sign-in. Only if it is still the current token: a newer sign-in stays.
+    if (session?.token === token) await signOut();
+    throw new Error(`${method} ${path}: 401 ${data?.detail ?? "unauthorized"}. Sign in again.`);
+  }
   if (!response.ok) {
     throw new Error(`${method} ${path}: ${response.status} ${data?.detail ?? data?.title ?? ""}`.trim());
   }
@@ -100,8 +107,9 @@ async function signIn(event) {
 }
 
 async function signOut() {
-  await conversation?.endSession();
+  // Forget the token first: ending a live conversation runs onDisconnect, whose refresh() must not use it again.
   session = null;
+  await conversation?.endSession();
   $("token").value = "";
   $("conversations").tBodies[0].replaceChildren();
   $("messages").replaceChildren();
