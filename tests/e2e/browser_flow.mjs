@@ -218,9 +218,20 @@ async function main() {
     const flushBob = record(bob, received, problems, new Set([probe.href]));
     await signIn(bob, "bob");
     result.bob = { listed: await listedIds(bob) };
+    // The token lives in the page's memory only: not in the DOM, where the browser's form restoration would keep
+    // it in session history (and on disk, for session restore) and hand it back to a page loaded later.
+    result.bob.tokenInDom = await bob.inputValue("#token");
+    step("bob leaves the page and comes back");
+    await bob.goto("about:blank");
+    await bob.goBack();
+    await bob.waitForSelector("body[data-ready=true]");
+    result.bob.tokenAfterBack = await bob.inputValue("#token");
+    expect(result.bob.tokenInDom === "", "the signed-in page keeps the token in the DOM (#token)");
+    expect(result.bob.tokenAfterBack === "", "the token came back into the page after navigating away and back");
+    await signIn(bob, "bob");
     step("bob tries to send feedback on alice's conversation");
     result.bob.feedbackOnAlices = await bob.evaluate(async (url) => {
-      const token = document.getElementById("token").value;
+      const { token } = await (await fetch("dev-token?sub=bob")).json();
       const response = await fetch(url, {
         method: "POST",
         headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },

@@ -195,6 +195,8 @@ def test_browser_talks_to_an_agent_lists_its_history_and_sends_feedback_without_
     assert set(seen["bob"]["listed"]) == BOBS_SEEDED
     assert seen["bob"]["feedbackOnAlices"]["status"] == 404
     assert seen["bob"]["feedbackOnAlices"]["body"]["code"] == "not_found"
+    # The signed-in page holds the token in memory only: not in the DOM, nor restored into a page loaded later.
+    assert seen["bob"]["tokenInDom"] == seen["bob"]["tokenAfterBack"] == ""
     # Carol's expired token: the page signed her out and asked for a new sign-in.
     assert seen["carol"]["who"] == "Signed out"
 

@@ -102,6 +102,10 @@ async function signIn(event) {
     showError(`That does not look like a JWT: ${error.message}`);
     return;
   }
+  // From here the token lives only in `session` (module memory). Left in the form, it would stay readable from the
+  // DOM and Chromium would save it with the page's form state (session history, the on-disk session restore) and
+  // put it back into the page loaded after a back navigation.
+  $("token").value = "";
   setSignedIn(true);
   await refresh();
 }
