@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from service import __version__
 from service.settings import ConfigError, Settings, load_settings, safe_url
@@ -27,6 +28,12 @@ DEV_USER = "alice"
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "web"
 EXAMPLE_PREFIX = "/example"
 EXAMPLE_CLIENT_BUNDLE = "node_modules/@elevenlabs/client/dist/lib.iife.js"
+# The client's AudioWorklet processors, served from the page's origin: loaded from the blob: or data: URLs the
+# client makes by default, they would need script-src to allow those.
+EXAMPLE_WORKLETS = {
+    "raw-audio-processor.js": "node_modules/@elevenlabs/client/worklets/rawAudioProcessor.js",
+    "audio-concat-processor.js": "node_modules/@elevenlabs/client/worklets/audioConcatProcessor.js",
+}
 EXAMPLE_SUBJECT = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 if TYPE_CHECKING:
@@ -153,12 +160,29 @@ def _dev_environment(port: int, emulator_port: int) -> dict[str, str]:
     return env
 
 
-def example_app(web_dir: Path, *, gateway_url: str, agent_id: str, mint: Callable[[str], str]) -> Starlette:
+def example_csp(gateway_url: str, upstream_url: str) -> str:
+    """Return the example page's Content-Security-Policy: its own files, the gateway and upstream's WebSocket only."""
+    gateway, upstream = urlsplit(gateway_url), urlsplit(upstream_url)
+    # The signed URL is a WebSocket on upstream's host: wss:// for an https upstream, ws:// for the emulator.
+    websocket = f"{'wss' if upstream.scheme == 'https' else 'ws'}://{upstream.netloc}"
+    return (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src data:; "
+        f"connect-src 'self' {gateway.scheme}://{gateway.netloc} {websocket}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def example_app(
+    web_dir: Path, *, gateway_url: str, upstream_url: str, agent_id: str, mint: Callable[[str], str]
+) -> Starlette:
     """Build the dev-only app under /example: the web example page, its config, the client bundle, dev tokens."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Mount, Route
+
+    from service.http_hygiene import SecurityHeadersMiddleware
 
     def static(name: str, media_type: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
@@ -185,10 +209,19 @@ def example_app(web_dir: Path, *, gateway_url: str, agent_id: str, mint: Callabl
         Route(
             "/vendor/elevenlabs-client.js", static(EXAMPLE_CLIENT_BUNDLE, "text/javascript; charset=utf-8")
         ),
+        *(
+            Route(f"/vendor/{name}", static(path, "text/javascript; charset=utf-8"))
+            for name, path in EXAMPLE_WORKLETS.items()
+        ),
         Route("/config.json", config),
         Route("/dev-token", dev_token),
     ]
-    return Starlette(routes=[Mount(EXAMPLE_PREFIX, routes=routes)])
+    # The page holds a user's JWT: every response under /example gets the gateway's security headers, with a CSP
+    # that lets the page run its own scripts and talk to the gateway and upstream only.
+    headers = Middleware(
+        SecurityHeadersMiddleware, content_security_policy=example_csp(gateway_url, upstream_url)
+    )
+    return Starlette(routes=[Mount(EXAMPLE_PREFIX, routes=routes)], middleware=[headers])
 
 
 def with_example(gateway: ASGIApp, example: ASGIApp) -> ASGIApp:
@@ -255,7 +288,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 audience=(dev_issuer.audiences or (None,))[0],
             )
 
-        page = example_app(EXAMPLE_DIR, gateway_url=base, agent_id=DEV_AGENT_ID, mint=mint_dev_token)
+        page = example_app(
+            EXAMPLE_DIR,
+            gateway_url=base,
+            upstream_url=env["ELEVENLABS_BASE_URL"],
+            agent_id=DEV_AGENT_ID,
+            mint=mint_dev_token,
+        )
         gateway = with_example(gateway, page)
         bundle = (
             "" if (EXAMPLE_DIR / EXAMPLE_CLIENT_BUNDLE).is_file() else f" (first: cd {EXAMPLE_DIR} && npm ci)"

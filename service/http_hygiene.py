@@ -55,10 +55,23 @@ CORS_MAX_AGE_SECONDS: Final = 600
 class SecurityHeadersMiddleware:
     """Add defensive security headers to every HTTP response, keeping any value a route set itself."""
 
-    def __init__(self, app: ASGIApp, *, hsts_max_age: int = HSTS_MAX_AGE_SECONDS) -> None:
-        """Wrap `app`; HSTS (sent only over https) uses `hsts_max_age` seconds."""
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hsts_max_age: int = HSTS_MAX_AGE_SECONDS,
+        content_security_policy: str | None = None,
+    ) -> None:
+        """Wrap `app`; HSTS (sent only over https) uses `hsts_max_age` seconds; a page's own CSP replaces the API's."""
         self.app = app
         self.hsts = f"max-age={hsts_max_age}; includeSubDomains"
+        csp = b"content-security-policy"
+        self.headers = tuple(
+            (name, (csp, content_security_policy.encode("latin-1")))
+            if name == csp and content_security_policy is not None
+            else (name, pair)
+            for name, pair in _RAW_SECURITY_HEADERS
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -73,7 +86,7 @@ class SecurityHeadersMiddleware:
                 # them once per security header).
                 raw = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in raw}
-                raw += [pair for name, pair in _RAW_SECURITY_HEADERS if name not in present]
+                raw += [pair for name, pair in self.headers if name not in present]
                 # HSTS over plain http is ignored by browsers and would mislead; send it only over TLS.
                 if https and b"strict-transport-security" not in present:
                     raw.append((b"strict-transport-security", self.hsts.encode("latin-1")))

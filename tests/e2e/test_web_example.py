@@ -111,7 +111,11 @@ def dev_stack() -> Iterator[DevStack]:
 
     emulator_app.target = create_emulator_app(env["ELEVENLABS_API_KEY"], seed=True)
     page = example_app(
-        EXAMPLE_DIR, gateway_url=f"http://127.0.0.1:{gateway.port}", agent_id=DEV_AGENT_ID, mint=mint
+        EXAMPLE_DIR,
+        gateway_url=f"http://127.0.0.1:{gateway.port}",
+        upstream_url=emulator.url,
+        agent_id=DEV_AGENT_ID,
+        mint=mint,
     )
     gateway_app.target = with_example(create_app(settings), page)
     emulator.start()
@@ -232,6 +236,31 @@ def test_dev_command_serves_the_example_page_with_cors_and_dev_tokens(
     with httpx.Client(timeout=5) as client:
         index = client.get(page)
         assert index.status_code == 200 and 'src="vendor/elevenlabs-client.js"' in index.text
+        # The page holds a user's JWT: it runs only its own scripts and talks only to the gateway and to
+        # upstream's conversation WebSocket (the emulator's, under dev), never framed, with no referrer.
+        emulator = next(line for line in lines if "upstream emulator on " in line).rsplit(" ", 1)[1]
+        csp = dict(
+            directive.strip().split(" ", 1)
+            for directive in index.headers["content-security-policy"].split(";")
+        )
+        assert csp == {
+            "default-src": "'none'",
+            "script-src": "'self'",
+            "style-src": "'self'",
+            "img-src": "data:",
+            "connect-src": f"'self' {gateway} {emulator.replace('http://', 'ws://')}",
+            "base-uri": "'none'",
+            "form-action": "'none'",
+            "frame-ancestors": "'none'",
+        }
+        assert index.headers["x-content-type-options"] == "nosniff"
+        assert index.headers["referrer-policy"] == "no-referrer"
+        assert index.headers["x-frame-options"] == "DENY"
+        # The SDK's audio worklets, served from the page's origin so script-src needs no blob: or data:.
+        for worklet in ("raw-audio-processor.js", "audio-concat-processor.js"):
+            served = client.get(page + "vendor/" + worklet)
+            assert served.status_code == 200 and "registerProcessor(" in served.text
+            assert served.headers["content-type"] == "text/javascript; charset=utf-8"
         bundle = client.get(page + "vendor/elevenlabs-client.js")
         assert bundle.status_code == 200 and bundle.text.startswith("var ElevenLabsClient")
         assert client.get(page + "config.json").json() == {"gatewayUrl": gateway, "agentId": DEV_AGENT_ID}

@@ -134,6 +134,12 @@ async function start() {
       signedUrl: minted.signed_url,
       userId: session.userId,
       textOnly: !voice,
+      // The audio worklets from this page's origin (served next to it), so the CSP's script-src stays 'self':
+      // by default the client loads them from blob: or data: URLs.
+      workletPaths: {
+        rawAudioProcessor: new URL("vendor/raw-audio-processor.js", location.href).href,
+        audioConcatProcessor: new URL("vendor/audio-concat-processor.js", location.href).href,
+      },
       onStatusChange: ({ status }) => setStatus(status),
       onConnect: ({ conversationId }) => {
         $("conversation-id").textContent = conversationId;
