@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -668,23 +668,37 @@ def _trusted_proxies(reader: _Reader) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
 def _cors_origins(reader: _Reader) -> tuple[str, ...]:
-    origins = reader.csv("CORS_ALLOWED_ORIGINS")
-    for origin in origins:
+    """Return the allowed origins as browsers serialize them in `Origin` (CORS compares them as strings)."""
+    serialized = []
+    for origin in reader.csv("CORS_ALLOWED_ORIGINS"):
         if origin == "*":
             reader.problems.append("CORS_ALLOWED_ORIGINS: '*' is not allowed; list the exact origins")
             continue
         parts = _split_url(origin)
+        scheme = parts.scheme.lower() if parts is not None else ""
         if (
             parts is None
-            or parts.scheme not in ("http", "https")
-            or not parts.netloc
+            or scheme not in _DEFAULT_PORTS
+            or not parts.hostname
             or parts.path not in ("", "/")
+            # A query, a fragment or credentials never appear in an Origin header: the entry could never match.
+            or "?" in origin
+            or "#" in origin
+            or "@" in parts.netloc
         ):
             reader.problems.append(
                 f"CORS_ALLOWED_ORIGINS: {origin!r} is not an origin like https://app.example"
             )
-    return tuple(o.rstrip("/") for o in origins if o != "*")
+            continue
+        # A browser sends the scheme and host in lower case and leaves out the default port.
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        port = "" if parts.port in (None, _DEFAULT_PORTS[scheme]) else f":{parts.port}"
+        serialized.append(f"{scheme}://{host.lower()}{port}")
+    return tuple(serialized)
 
 
 def _load_toml(reader: _Reader) -> dict[str, Any]:

@@ -252,6 +252,29 @@ async def test_unexpected_errors_carry_cors_headers_for_allowed_origins(make_gat
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
 
 
+async def test_cors_grants_an_origin_written_with_capitals_or_its_default_port(
+    make_gateway: GatewayFactory,
+) -> None:
+    # Browsers send the serialized origin: lower-case scheme and host, no default port, no trailing slash.
+    configured = "HTTPS://App.Example:443, http://LocalHost:8080/"
+    async with make_gateway(CORS_ALLOWED_ORIGINS=configured) as gw:
+        for origin in ("https://app.example", "http://localhost:8080"):
+            granted = await gw.client.options(
+                "/v1/convai/conversations",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
+            assert granted.status_code == 200, granted.text
+            assert granted.headers["access-control-allow-origin"] == origin
+            listed = await gw.client.get(
+                "/v1/convai/conversations", headers={**gw.headers("alice"), "Origin": origin}
+            )
+            assert listed.headers["access-control-allow-origin"] == origin
+
+
 async def test_wrong_method_is_a_405_problem_naming_every_method_of_the_path(gateway: Gateway) -> None:
     headers = gateway.headers("alice")
     conversation = await gateway.client.put("/v1/convai/conversations/conv_1", headers=headers)

@@ -139,6 +139,10 @@ def test_every_contract_name_is_read() -> None:
         ("TRUSTED_PROXIES", "203.0.113.7/0", "TRUSTED_PROXIES: '203.0.113.7/0' trusts every address"),
         ("CORS_ALLOWED_ORIGINS", "*", "CORS_ALLOWED_ORIGINS: '*' is not allowed"),
         ("CORS_ALLOWED_ORIGINS", "https://app.example/path", "is not an origin"),
+        # Parts a browser's Origin header never has: such an entry could never match.
+        ("CORS_ALLOWED_ORIGINS", "https://app.example?x=1", "is not an origin"),
+        ("CORS_ALLOWED_ORIGINS", "https://app.example#top", "is not an origin"),
+        ("CORS_ALLOWED_ORIGINS", "https://user@app.example", "is not an origin"),
         ("JWT_HS256_SECRET", "short", "JWT_HS256_SECRET: an HS256 secret must be at least 32 bytes"),
         ("JWT_JWKS_URL", "http://idp.example/jwks", "JWT_JWKS_URL: must use https"),
         ("JWT_DEFAULT_SCOPES", "convai:session convai:delete", "convai:delete can never be a default"),
