@@ -76,7 +76,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"PROMETHEUS_MULTIPROC_DIR: {metrics_dir} is not a writable directory")
     if settings.metrics_port:
         try:
-            serve_metrics_port(settings.host if args.host is None else args.host, settings.metrics_port)
+            serve_metrics_port(
+                settings.host if args.host is None else args.host,
+                settings.metrics_port,
+                process_metrics=workers == 1,  # with one worker, the listener's process is the server
+            )
         except OSError as exc:
             return _fail(f"METRICS_PORT: cannot listen on port {settings.metrics_port}: {exc.strerror}")
     config = uvicorn.Config(

@@ -266,14 +266,20 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def serve_metrics_port(host: str, port: int) -> MetricsServer:
-    """Serve every worker's metrics (aggregated from PROMETHEUS_MULTIPROC_DIR) on `host:port` from a thread."""
+def serve_metrics_port(host: str, port: int, *, process_metrics: bool = False) -> MetricsServer:
+    """Serve every worker's metrics on `host:port` from a thread; `process_metrics` adds this process's own."""
     path = os.environ.get(MULTIPROC_ENV)
     if not path:
         # The app's registry lives in the workers; only the shared directory can be read from here.
         raise RuntimeError(f"a separate metrics port needs {MULTIPROC_ENV} to be set")
     registry = CollectorRegistry()
     _ReapingCollector(registry, path)
+    if process_metrics:
+        # With one worker the listener runs in the serving process itself: its memory, CPU and file
+        # descriptors are the server's, which the multiprocess files cannot carry.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.healthcheck import healthz_url
 from tests.conftest import EMULATOR_API_KEY
@@ -191,6 +192,22 @@ def test_a_metrics_port_in_use_is_one_clear_line_without_traceback(
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-400:]
     assert "METRICS_PORT" in result.stderr
+
+
+def test_the_metrics_port_of_a_single_worker_reports_its_process(start_serve: StartServe) -> None:
+    # The chart's default (one worker, METRICS_PORT): the listener runs in the serving process, and an
+    # operator's memory, CPU and file-descriptor alerts need that process's own metrics.
+    metrics_port = free_port()
+    served = start_serve(METRICS_PORT=str(metrics_port))
+    assert httpx.get(f"{served.base}/healthz").status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds", "python_info"):
+        assert name in families, f"{name} missing from the metrics port"
+    (fds,) = families["process_open_fds"].samples
+    assert fds.value > 0
+    requests = families["convai_gateway_http_requests"].samples
+    assert any(s.labels.get("route") == "/healthz" and s.name.endswith("_total") for s in requests)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
