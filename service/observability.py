@@ -6,6 +6,7 @@ template, users by a short hash, and a redaction filter masks anything secret-lo
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -202,24 +203,44 @@ def mark_process_dead(pid: int) -> None:
     """Drop a dead worker's live gauges in multiprocess mode (call from a process manager's child-exit hook)."""
     path = os.environ.get(MULTIPROC_ENV)
     if path:
-        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+        with os.scandir(path) as entries:
+            files = [entry.path for entry in entries if _live_gauge_pid(entry.name) == pid]
+        _remove_files(files)
 
 
 _LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def _live_gauge_pid(name: str) -> int | None:
+    match = _LIVE_GAUGE_FILE.fullmatch(name)
+    return int(match.group(1)) if match is not None else None
+
+
+def _remove_files(files: Iterable[str]) -> None:
+    for file in files:
+        # Another scrape (a second Prometheus, another worker's /metrics) or the exit hook may reap the same
+        # dead worker at the same time; prometheus-client's mark_process_dead then failed that scrape.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(file)
 
 
 def reap_dead_workers(path: str) -> list[int]:
     """Drop the live gauges of every worker whose process is gone from `path`; return their pids."""
     # uvicorn's supervisor replaces a crashed worker without any child-exit hook, so a dead worker's
     # livemax/livesum files (the circuit breaker state) would otherwise be aggregated forever.
-    dead: set[int] = set()
+    dead: dict[int, list[str]] = {}
+    alive: set[int] = set()
     with os.scandir(path) as entries:
         for entry in entries:
-            match = _LIVE_GAUGE_FILE.fullmatch(entry.name)
-            if match is not None and not _process_exists(int(match.group(1))):
-                dead.add(int(match.group(1)))
-    for pid in sorted(dead):
-        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+            pid = _live_gauge_pid(entry.name)
+            if pid is None or pid in alive:
+                continue
+            if pid in dead or not _process_exists(pid):
+                dead.setdefault(pid, []).append(entry.path)
+            else:
+                alive.add(pid)
+    for files in dead.values():
+        _remove_files(files)
     return sorted(dead)
 
 

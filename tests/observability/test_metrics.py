@@ -298,6 +298,31 @@ def test_reap_dead_workers_names_only_the_gone_ones(multiproc_dir: Path) -> None
         assert list(multiproc_dir.glob(f"gauge_livemax_{alive.pid}.db"))
 
 
+def test_a_scrape_that_loses_the_race_to_reap_a_dead_worker_still_answers(
+    multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two scrapes at once (an HA pair of Prometheus servers, or two workers' /metrics) both find a dead
+    # worker's live-gauge file; whichever removes it second must still answer, not fail with a 500.
+    (gone,) = run_workers(multiproc_dir, "open")
+    remove = os.remove
+
+    def remove_after_the_other_scrape(file: str | os.PathLike[str]) -> None:
+        remove(file)  # the concurrent scrape got there first
+        remove(file)
+
+    monkeypatch.setattr(os, "remove", remove_after_the_other_scrape)
+    assert reap_dead_workers(str(multiproc_dir)) == [gone]
+    assert not list(multiproc_dir.glob(f"gauge_livemax_{gone}.db"))
+    run_workers(multiproc_dir, "open")
+    body, _ = Metrics().render()
+    assert value(body, "convai_gateway_redis_circuit_state", state="open") is None
+    route = "/v1/convai/conversations"
+    assert value(body, "convai_gateway_http_requests_total", method="GET", route=route, status="200") == 2
+    (later,) = run_workers(multiproc_dir, "open")
+    mark_process_dead(later)  # a process manager's hook racing a scrape over the same file
+    assert not list(multiproc_dir.glob(f"gauge_livemax_{later}.db"))
+
+
 def test_multiprocess_mode_applies_even_when_the_env_is_set_after_import(multiproc_dir: Path) -> None:
     # The CLI sets PROMETHEUS_MULTIPROC_DIR after prometheus-client was imported, then serves in-process.
     metrics = Metrics()
