@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -30,10 +31,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
     multiprocess,
-    start_http_server,
     values,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
@@ -268,6 +270,61 @@ class _ReapingCollector(multiprocess.MultiProcessCollector):
         return collected
 
 
+# A scrape reads one short request: a connection idle this long is dropped (Prometheus's scrape timeout is
+# at most its interval, 10 s by default), and no more connections than this are served at once. Each holds a
+# thread, in the serving process itself when there is one worker.
+METRICS_IDLE_TIMEOUT_SECONDS: Final = 10.0
+METRICS_MAX_CONNECTIONS: Final = 16
+
+
+class _MetricsRequestHandler(WSGIRequestHandler):
+    """Answer one scrape, without a log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing: scrapes are routine, and the access log is the app's."""
+
+
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """prometheus-client's threaded server, with a bounded number of connections and quiet socket errors."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        idle_timeout: float,
+        max_connections: int,
+    ) -> None:
+        """Bind `address` in `family`; drop connections idle `idle_timeout` s, serve `max_connections` at once."""
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(max_connections)
+        # The handler applies its class's `timeout` to every socket read and write.
+        handler = type("_TimedMetricsRequestHandler", (_MetricsRequestHandler,), {"timeout": idle_timeout})
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in its own thread, or close it at once when every slot is taken."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Ignore a client that went silent or away; log anything else as JSON, not as text on stderr."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            logging.getLogger("service.metrics").exception("metrics request failed")
+
+
 @dataclass(frozen=True)
 class MetricsServer:
     """A running metrics listener on its own port."""
@@ -287,7 +344,14 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def serve_metrics_port(host: str, port: int, *, process_metrics: bool = False) -> MetricsServer:
+def serve_metrics_port(
+    host: str,
+    port: int,
+    *,
+    process_metrics: bool = False,
+    idle_timeout: float = METRICS_IDLE_TIMEOUT_SECONDS,
+    max_connections: int = METRICS_MAX_CONNECTIONS,
+) -> MetricsServer:
     """Serve every worker's metrics on `host:port` from a thread; `process_metrics` adds this process's own."""
     path = os.environ.get(MULTIPROC_ENV)
     if not path:
@@ -301,7 +365,15 @@ def serve_metrics_port(host: str, port: int, *, process_metrics: bool = False) -
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    # prometheus-client's start_http_server gave every connection a thread with no socket timeout: a client
+    # that connected and sent nothing held one for ever, and any number of them could be opened.
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server = _MetricsHTTPServer((str(sockaddr[0]), port), family, idle_timeout, max_connections)
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="metrics-listener", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from service.observability import (
+    METRICS_MAX_CONNECTIONS,
     MULTIPROC_ENV,
     Metrics,
     mark_process_dead,
@@ -361,6 +363,33 @@ def test_separate_metrics_port_serves_all_workers(multiproc_dir: Path) -> None:
     )
     assert value(response.content, "convai_gateway_redis_circuit_state", state="open") == 0
     assert value(response.content, "convai_gateway_redis_circuit_state", state="closed") == 1
+
+
+def test_the_metrics_port_drops_a_connection_that_sends_nothing(multiproc_dir: Path) -> None:
+    # Each connection to the metrics port holds a thread, in the serving process when there is one worker:
+    # one that never sends a request must not hold it for ever.
+    server = serve_metrics_port("127.0.0.1", 0, idle_timeout=0.2)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle:
+            assert idle.recv(1) == b"", "the listener kept an idle connection open"
+        assert httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).status_code == 200
+    finally:
+        server.close()
+
+
+def test_the_metrics_port_holds_a_bounded_number_of_connections(multiproc_dir: Path) -> None:
+    server = serve_metrics_port("127.0.0.1", 0, idle_timeout=60)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(METRICS_MAX_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as extra:
+            with contextlib.suppress(ConnectionResetError):
+                assert extra.recv(1) == b"", "a connection over the limit got a thread of its own"
+    finally:
+        for connection in idle:
+            connection.close()
+        server.close()
 
 
 def test_separate_metrics_port_requires_multiprocess_dir(monkeypatch: pytest.MonkeyPatch) -> None:
