@@ -697,7 +697,10 @@ class RequestContextMiddleware:
                 final_status = 499 if disconnected else 500
             else:
                 final_status = status
-            self._record(scope, state, request_id, final_status, finished - started, disconnected)
+            # Started but never finished (an upstream stream that failed mid-way, a stalled listener cut off, a
+            # client gone): the status alone would read like a complete response.
+            incomplete = status is not None and ended is None
+            self._record(scope, state, request_id, final_status, finished - started, disconnected, incomplete)
             _request_id.reset(token)
 
     def _record(
@@ -708,6 +711,7 @@ class RequestContextMiddleware:
         status: int,
         seconds: float,
         disconnected: bool,
+        incomplete: bool,
     ) -> None:
         route = _route_template(scope)
         method = str(scope.get("method", ""))
@@ -725,4 +729,6 @@ class RequestContextMiddleware:
         }
         if disconnected:
             fields["client_disconnected"] = True
+        if incomplete:
+            fields["incomplete"] = True
         self.logger.info("request", extra=fields)

@@ -42,6 +42,18 @@ class Probe:
     request_ids: list[str] = field(default_factory=list)
 
 
+class CutBody:
+    """An ASGI endpoint that sends headers and part of a body, then returns without finishing."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # What the audio route does when the upstream stream fails mid-way: headers and part of the body are
+        # gone, so it returns without the final body message and the server drops the connection.
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/mpeg")]}
+        )
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+
+
 def build_app(
     metrics: Metrics,
     *,
@@ -112,6 +124,7 @@ def build_app(
             Route("/whoami", whoami),
             Route("/stream", stream),
             Route("/forever", forever),
+            Route("/cut", CutBody()),
             Route("/problem", problem),
             Route("/boom", boom),
             Route("/cached", cached),

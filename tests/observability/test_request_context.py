@@ -205,10 +205,18 @@ class _Waiter(logging.Handler):
         super().__init__()
         self.records: list[logging.LogRecord] = []
         self.arrived = threading.Event()
+        self._changed = threading.Condition()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        with self._changed:
+            self.records.append(record)
+            self._changed.notify_all()
         self.arrived.set()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until `count` records have arrived."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.records) >= count, timeout)
 
 
 def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
@@ -238,6 +246,34 @@ def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
         "convai_gateway_http_requests_total", {"method": "GET", "route": "/forever", "status": "200"}
     )
     assert count == 1
+
+
+def test_a_response_cut_off_mid_body_is_logged_as_incomplete() -> None:
+    # An upstream audio stream that fails mid-way leaves a 200 whose body never ended: the access line must
+    # not read like a complete download.
+    metrics = Metrics()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    waiter = _Waiter()
+    previous_level = logger.level
+    logger.addHandler(waiter)
+    logger.setLevel(logging.INFO)
+    try:
+        with serve(build_app(metrics), lifespan="off", ws="none") as server:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    http.get("/cut")
+                complete = http.get("/stream")
+            assert complete.status_code == 200
+            assert waiter.wait_for(2, timeout=10), "no access log for both responses"
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(previous_level)
+
+    cut, whole = sorted(waiter.records, key=lambda record: record.route)  # type: ignore[attr-defined]
+    assert (cut.route, cut.status, cut.incomplete) == ("/cut", 200, True)  # type: ignore[attr-defined]
+    assert not hasattr(cut, "client_disconnected")
+    assert whole.route == "/stream"  # type: ignore[attr-defined]
+    assert not hasattr(whole, "incomplete")
 
 
 async def test_client_leaving_mid_body_is_a_499_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
