@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     import uvicorn
 
-    from service.observability import configure_logging, serve_metrics_port
+    from service.observability import claim_multiprocess_dir, configure_logging, serve_metrics_port
     from service.server_protocol import HeaderDeadlineProtocol
     from service.supervisor import DrainingMultiprocess
 
@@ -74,6 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if metrics_dir and not (os.path.isdir(metrics_dir) and os.access(metrics_dir, os.W_OK | os.X_OK)):
         # Otherwise each worker fails at start with a traceback, and the supervisor restarts it for ever.
         return _fail(f"PROMETHEUS_MULTIPROC_DIR: {metrics_dir} is not a writable directory")
+    if metrics_dir and not claim_multiprocess_dir(metrics_dir):
+        return _fail(
+            f"PROMETHEUS_MULTIPROC_DIR: {metrics_dir} is in use by another running gateway; give each its own"
+        )
     if settings.metrics_port:
         try:
             serve_metrics_port(

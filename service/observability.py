@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
 import logging
@@ -208,6 +209,26 @@ def mark_process_dead(pid: int) -> None:
         with os.scandir(path) as entries:
             files = [entry.path for entry in entries if _live_gauge_pid(entry.name) == pid]
         _remove_files(files)
+
+
+_DIR_LOCK_FILE: Final = "convai-gateway.lock"
+# Open descriptors of the directories this process holds: a lock lasts as long as its descriptor.
+_held_dirs: list[int] = []
+
+
+def claim_multiprocess_dir(path: str) -> bool:
+    """Hold the metrics directory `path` for this process's life; return False if another gateway holds it."""
+    # Every scrape adds up all the files there: a second gateway writing into the same directory would make
+    # both report the sum of their traffic. flock ends with the process, however it ends, so a restarted
+    # gateway (a container restarted in the same pod) gets the directory back.
+    fd = os.open(os.path.join(path, _DIR_LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _held_dirs.append(fd)
+    return True
 
 
 _LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live[a-z]+_(\d+)\.db")

@@ -210,6 +210,25 @@ def test_the_metrics_port_of_a_single_worker_reports_its_process(start_serve: St
     assert any(s.labels.get("route") == "/healthz" and s.name.endswith("_total") for s in requests)
 
 
+def test_a_second_gateway_cannot_share_a_metrics_directory_in_use(
+    start_serve: StartServe, emulator_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # Each scrape adds up every file in the directory: two gateways writing into one would each report both
+    # gateways' traffic, and every dashboard would double-count without a sign of it.
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    first = start_serve(PROMETHEUS_MULTIPROC_DIR=str(shared))
+    assert httpx.get(f"{first.base}/healthz").status_code == 200
+    env = serve_env(emulator_url, redis_url, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    result = _serve_once(env, "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr[-400:]
+    assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr and "Traceback" not in result.stderr
+    first.close()
+    # Once the first gateway is gone, the directory is free again (a restarted container reuses it).
+    again = start_serve(PROMETHEUS_MULTIPROC_DIR=str(shared))
+    assert httpx.get(f"{again.base}/healthz").status_code == 200
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_an_unusable_metrics_directory_is_one_clear_line_not_a_traceback_or_a_crash_loop(
     emulator_url: str, redis_url: str, tmp_path: Path, workers: str
