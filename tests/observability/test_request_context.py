@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -219,24 +220,30 @@ class _Waiter(logging.Handler):
             return self._changed.wait_for(lambda: len(self.records) >= count, timeout)
 
 
-def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
-    metrics = Metrics()
+@contextlib.contextmanager
+def access_log_records() -> Iterator[_Waiter]:
+    """Collect the access logger's records (at INFO) for the duration of the block."""
     logger = logging.getLogger(ACCESS_LOGGER)
     waiter = _Waiter()
     previous_level = logger.level
     logger.addHandler(waiter)
     logger.setLevel(logging.INFO)
     try:
-        with serve(build_app(metrics), lifespan="off", ws="none") as server:
-            with httpx.Client(base_url=server.url, timeout=10) as http:
-                with http.stream("GET", "/forever") as response:
-                    assert response.status_code == 200
-                    assert next(response.iter_raw()) == b"hello"
-                # Leaving the block closes the connection while the server is still streaming.
-            assert waiter.arrived.wait(timeout=10), "no access log after the client went away"
+        yield waiter
     finally:
         logger.removeHandler(waiter)
         logger.setLevel(previous_level)
+
+
+def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
+    metrics = Metrics()
+    with access_log_records() as waiter, serve(build_app(metrics), lifespan="off", ws="none") as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            with http.stream("GET", "/forever") as response:
+                assert response.status_code == 200
+                assert next(response.iter_raw()) == b"hello"
+            # Leaving the block closes the connection while the server is still streaming.
+        assert waiter.arrived.wait(timeout=10), "no access log after the client went away"
 
     (record,) = waiter.records
     assert record.route == "/forever"  # type: ignore[attr-defined]
@@ -252,22 +259,13 @@ def test_a_response_cut_off_mid_body_is_logged_as_incomplete() -> None:
     # An upstream audio stream that fails mid-way leaves a 200 whose body never ended: the access line must
     # not read like a complete download.
     metrics = Metrics()
-    logger = logging.getLogger(ACCESS_LOGGER)
-    waiter = _Waiter()
-    previous_level = logger.level
-    logger.addHandler(waiter)
-    logger.setLevel(logging.INFO)
-    try:
-        with serve(build_app(metrics), lifespan="off", ws="none") as server:
-            with httpx.Client(base_url=server.url, timeout=10) as http:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    http.get("/cut")
-                complete = http.get("/stream")
-            assert complete.status_code == 200
-            assert waiter.wait_for(2, timeout=10), "no access log for both responses"
-    finally:
-        logger.removeHandler(waiter)
-        logger.setLevel(previous_level)
+    with access_log_records() as waiter, serve(build_app(metrics), lifespan="off", ws="none") as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            with pytest.raises(httpx.RemoteProtocolError):
+                http.get("/cut")
+            complete = http.get("/stream")
+        assert complete.status_code == 200
+        assert waiter.wait_for(2, timeout=10), "no access log for both responses"
 
     cut, whole = sorted(waiter.records, key=lambda record: record.route)  # type: ignore[attr-defined]
     assert (cut.route, cut.status, cut.incomplete) == ("/cut", 200, True)  # type: ignore[attr-defined]
