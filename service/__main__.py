@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypedDict
 from urllib.parse import urlsplit
 
 from service import __version__
@@ -54,6 +54,37 @@ def _settings_or_exit() -> Settings | None:
         return None
 
 
+class ServerOptions(TypedDict):
+    """The uvicorn options the gateway always runs with."""
+
+    proxy_headers: bool
+    server_header: bool
+    log_config: None
+    access_log: bool
+    http: type[asyncio.Protocol]
+    ws: Literal["none"]
+
+
+def gateway_server_options() -> ServerOptions:
+    """Return the uvicorn options `serve` and `dev` both run the gateway with."""
+    from service.server_protocol import HeaderDeadlineProtocol
+
+    return {
+        # Client IPs come from TRUSTED_PROXIES only (service.client_ip); uvicorn's default let any client that
+        # reaches the port rewrite its IP with X-Forwarded-For.
+        "proxy_headers": False,
+        "server_header": False,
+        "log_config": None,
+        "access_log": False,  # one structured line per request comes from the app itself
+        # uvicorn's httptools protocol with a request-header deadline and header limits: oversized, slow or
+        # malformed requests get the gateway's problems, not uvicorn's plain text.
+        "http": HeaderDeadlineProtocol,
+        # The gateway serves no WebSocket: with uvicorn's WebSocket protocol on, an upgrade request skipped the
+        # app's access log and uvicorn logged its raw path and query, tokens included. Now it is a plain request.
+        "ws": "none",
+    }
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the production server (uvicorn) from the environment."""
     settings = _settings_or_exit()
@@ -62,7 +93,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.observability import claim_multiprocess_dir, configure_logging, serve_metrics_port
-    from service.server_protocol import HeaderDeadlineProtocol
     from service.supervisor import DrainingMultiprocess
 
     configure_logging(settings.log_level)
@@ -94,18 +124,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port or settings.port,
         workers=workers,
         lifespan="on",
-        proxy_headers=False,  # client IPs come from TRUSTED_PROXIES only (service.client_ip)
-        server_header=False,
-        log_config=None,
-        access_log=False,  # one structured line per request comes from the app itself
         timeout_graceful_shutdown=args.graceful_timeout,
         # Behind a proxy this must outlast the proxy's idle timeout: a connection the gateway closes first can
         # meet a request the proxy has just sent on it, and the client gets a 502.
         timeout_keep_alive=args.keep_alive_timeout or settings.keep_alive_timeout_seconds,
-        http=HeaderDeadlineProtocol,  # uvicorn's httptools protocol with a request-header deadline
-        # The gateway serves no WebSocket: with uvicorn's WebSocket protocol on, an upgrade request skipped the
-        # app's access log and uvicorn logged its raw path and query, tokens included. Now it is a plain request.
-        ws="none",
+        **gateway_server_options(),
     )
     if workers > 1:
         # What uvicorn.run does for workers, with a supervisor that stops listening when shutdown begins.
@@ -255,7 +278,6 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from service.dev_tokens import mint_token
     from service.emulator import create_emulator_app
     from service.observability import configure_logging
-    from service.server_protocol import HeaderDeadlineProtocol
 
     env = _dev_environment(args.port, args.emulator_port)
     os.environ.update(env)
@@ -319,16 +341,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 gateway,
                 host="127.0.0.1",
                 port=args.port,
-                log_config=None,
-                access_log=False,
-                server_header=False,
-                ws="none",  # as in `serve`: the gateway serves no WebSocket
-                # As in `serve`: client IPs come from TRUSTED_PROXIES only (service.client_ip); uvicorn's
-                # default let any local client rewrite its IP with X-Forwarded-For.
-                proxy_headers=False,
-                # As in `serve`: oversized, slow or malformed requests get the gateway's problems, not uvicorn's
-                # plain text, so what a developer sees here is what production answers.
-                http=HeaderDeadlineProtocol,
+                **gateway_server_options(),  # as in `serve`: what a developer sees is what production answers
             )
         ),
     ]
