@@ -29,7 +29,7 @@ from service.redis_client import REDIS_ERRORS, close_redis, create_redis
 from service.routes import conversations, health, sessions
 from service.settings import Settings, load_settings
 from service.state import Services
-from service.upstream import UpstreamClient, create_http_client, create_transport
+from service.upstream import UpstreamClient, create_http_client, create_transport, split_proxy_url
 
 logger = logging.getLogger("service.app")
 
@@ -146,14 +146,18 @@ def _mask_configured_secrets(settings: Settings) -> None:
     for issuer in settings.issuers:
         if issuer.hs256_secret is not None:
             mask_known_secret(issuer.hs256_secret.reveal())
-    for url in (
-        settings.egress_proxy_url.reveal() if settings.egress_proxy_url else None,
-        settings.redis.url,
-    ):
+    proxy_url = settings.egress_proxy_url.reveal() if settings.egress_proxy_url else None
+    for url in (proxy_url, settings.redis.url):
         password = urlsplit(url).password if url else None
         if password:
             mask_known_secret(unquote(password))
             mask_known_secret(password)
+    if proxy_url is not None:
+        # The proxy credentials also travel as `Basic base64(user:password)`, which shows neither literal: masked
+        # as the very value the transports send (httpx, for JWKS, encodes them the same way: UTF-8).
+        _, authorization = split_proxy_url(proxy_url)
+        if authorization is not None:
+            mask_known_secret(authorization.removeprefix("Basic "))
 
 
 def app_from_environment() -> Starlette:

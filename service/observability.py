@@ -6,6 +6,7 @@ template, users by a short hash, and a redaction filter masks anything secret-lo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import contextvars
 import fcntl
@@ -415,7 +416,20 @@ def metrics_endpoint(metrics: Metrics) -> Callable[[Request], Awaitable[Response
 # ---------------------------------------------------------------------------------------------- logging
 
 _MASK: Final = "[REDACTED]"
-_SECRET_PATTERNS: Final = (
+
+
+def _mask_basic_credentials(match: re.Match[str]) -> str:
+    # RFC 7617 credentials are base64 of `user-id:password`, and the colon is mandatory: a token that does
+    # not decode to one is an ordinary word ("basic auth", "Basic checks") and stays readable.
+    # ValueError covers binascii.Error and the non-ASCII letters (?i) lets in (U+017F, U+212A).
+    try:
+        decoded = base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        return match.group(0)
+    return match.group(1) + _MASK if b":" in decoded else match.group(0)
+
+
+_SECRET_PATTERNS: Final[tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...]] = (
     # JWS (3 parts) and JWE (5 parts) compact serialisations.
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), _MASK),
     # `xi-api-key: v`, `"xi-api-key": "v"`, `xi_api_key=v`, a header pair `('xi-api-key', 'v')`, and the
@@ -426,6 +440,8 @@ _SECRET_PATTERNS: Final = (
     ),
     (re.compile(r"(?i)(conversation_signature=)[^\s&\"'#]+"), r"\g<1>" + _MASK),
     (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"), r"\g<1>" + _MASK),
+    # `Basic <base64>` credentials (a Proxy-Authorization or Authorization value), whatever the header's name.
+    (re.compile(r"(?i)(\bbasic\s+)([A-Za-z0-9+/]{4,}={0,2})(?![A-Za-z0-9+/=])"), _mask_basic_credentials),
     # ElevenLabs API keys.
     (re.compile(r"\bsk_[A-Fa-f0-9]{32,}\b"), _MASK),
 )
@@ -445,7 +461,7 @@ def mask_known_secret(value: str) -> None:
 
 
 def mask_secrets(text: str) -> str:
-    """Replace known secrets, JWTs, xi-api-key values, bearer tokens and signed-URL signatures in `text`."""
+    """Replace known secrets, JWTs, xi-api-key values, bearer and basic credentials and signatures in `text`."""
     for secret in _known_secrets:
         if secret in text:
             text = text.replace(secret, _MASK)
@@ -457,6 +473,7 @@ def mask_secrets(text: str) -> str:
             "eyj" in lowered
             or "api" in lowered
             or "bearer" in lowered
+            or "basic" in lowered
             or "sk_" in lowered
             or "conversation_signature=" in lowered
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -237,6 +238,62 @@ def test_configured_secrets_are_masked_wherever_they_appear(
     (line,) = read_lines(capsys)
     for secret in (bare_key, hs_secret, "proxy/pass123", "proxy%2Fpass123", "redis@pass456"):
         assert secret not in json.dumps(line)
+
+
+def test_egress_proxy_basic_credentials_are_masked_wherever_they_appear(
+    json_logs: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What the transport sends as Proxy-Authorization: base64 of the decoded user:password, not the password.
+    user, password = "edge-user", "Pr0xy/basic-only-9ZqT"
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+    settings = load_settings(
+        {
+            "ELEVENLABS_API_KEY": "xi-key-" + "b" * 24,
+            "ALLOWED_AGENT_IDS": "agent_demo",
+            "JWT_HS256_SECRET": "s" * 32,
+            "EGRESS_PROXY_URL": f"http://{user}:Pr0xy%2Fbasic-only-9ZqT@127.0.0.1:3128",
+        }
+    )
+    create_app(settings)
+    log = logging.getLogger("convai_gateway.test")
+    log.warning("bare %s", credentials)
+    log.warning("headers %s", [("Proxy-Authorization", f"Basic {credentials}")])
+    try:
+        raise RuntimeError(f"proxy refused {{'proxy-authorization': 'Basic {credentials}'}}")
+    except RuntimeError:
+        log.exception("call failed")
+    lines = read_lines(capsys)
+    assert len(lines) == 3
+    for line in lines:
+        assert credentials not in json.dumps(line), line
+    assert lines[0]["msg"] == "bare [REDACTED]"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Proxy-Authorization: Basic {}",
+        "[('proxy-authorization', 'Basic {}')]",
+        '{{"Authorization": "basic {}"}}',
+        "upstream echoed BASIC {}, refused",
+    ],
+)
+def test_basic_credentials_are_masked_by_their_shape(template: str) -> None:
+    # Credentials the gateway never configured (an upstream echoing a header, a JWKS host's proxy): only the
+    # `Basic <base64 of user:password>` shape can catch them.
+    credentials = base64.b64encode(b"someone-else:an0ther-pass").decode()
+    masked = mask_secrets(template.format(credentials))
+    assert credentials not in masked
+    assert "[REDACTED]" in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["basic auth is configured", "Basic checks passed", "basic Zm9v", "Basic \u017f\u017f\u017f\u017f"],
+)
+def test_words_after_basic_that_are_no_credentials_are_kept(text: str) -> None:
+    # Basic credentials always decode to user:password; a word that does not is left alone.
+    assert mask_secrets(text) == text
 
 
 @settings(max_examples=2_000, deadline=None)

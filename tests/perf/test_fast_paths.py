@@ -22,6 +22,10 @@ FRAGMENTS = (
     "conver\u017fation_signature=",  # LATIN SMALL LETTER LONG S: (?i) folds it onto "s"
     "Bearer ",
     "bEaReR\t",
+    "Basic ",
+    "bAsIc\t",
+    "dXNlcjpwYXNz",  # base64 of user:pass
+    "\u017f\u017f\u017f\u017f",
     "sk_" + "0123456789abcdef" * 2,
     "\u212a",  # KELVIN SIGN: (?i) folds it onto "k"
     "é",
@@ -45,11 +49,11 @@ def test_mask_secrets_fast_path_masks_exactly_like_every_pattern(text: str) -> N
 
 def test_mask_secrets_still_masks_each_kind_of_secret() -> None:
     line = (
-        "auth=Bearer abc.def xi-api-key=sk_live conversation_signature=s1g "
+        "auth=Bearer abc.def xi-api-key=sk_live conversation_signature=s1g proxy=Basic dXNlcjpwYXNz "
         "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln key sk_" + "ab" * 16
     )
     masked = mask_secrets(line)
-    for secret in ("abc.def", "sk_live", "s1g", "eyJhbGciOiJIUzI1NiJ9", "ab" * 16):
+    for secret in ("abc.def", "sk_live", "s1g", "dXNlcjpwYXNz", "eyJhbGciOiJIUzI1NiJ9", "ab" * 16):
         assert secret not in masked
     assert mask_secrets("GET /v1/convai/conversations 200") == "GET /v1/convai/conversations 200"
 
