@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -610,10 +610,41 @@ def _rate_limits(reader: _Reader, data: Any) -> dict[str, RateLimitPolicy]:
     return policies
 
 
+# REDIS_URL query options naming what the gateway sets on every Redis client itself (service.redis_client).
+# redis-py lets a URL option override the client's keyword argument of the same name, so `?socket_timeout=5`
+# made commands wait 5 s whatever REDIS_TIMEOUT_MS said, `?retry_on_timeout=true` retried past the budget, and
+# `?encoding_errors=strict` brought back the UnicodeDecodeError the replies' decoding avoids.
+GATEWAY_OWNED_REDIS_OPTIONS: Final = frozenset(
+    {
+        "socket_timeout",
+        "socket_connect_timeout",
+        "timeout",
+        "retry",
+        "retry_on_timeout",
+        "retry_on_error",
+        "decode_responses",
+        "encoding",
+        "encoding_errors",
+    }
+)
+
+
+def _check_redis_options(reader: _Reader, url: str) -> None:
+    # Names are read as redis-py reads them (parse_qs percent-decodes them). Only names from the fixed set are
+    # echoed, never values: a URL's query may hold a password too (`?password=...`).
+    owned = sorted(GATEWAY_OWNED_REDIS_OPTIONS.intersection(parse_qs(urlsplit(url).query)))
+    if owned:
+        reader.problems.append(
+            f"REDIS_URL: remove the query option(s) {', '.join(owned)}: the gateway sets them itself "
+            "(Redis timeouts come from REDIS_TIMEOUT_MS, a timed-out command is never retried, replies are "
+            "decoded by the gateway); URL not shown"
+        )
+
+
 def _redis(reader: _Reader, data: Any) -> RedisTopology:
     url = reader.raw("REDIS_URL")
-    if url is not None:
-        _check_url(reader, "REDIS_URL", url, ("redis", "rediss", "unix"))
+    if url is not None and _check_url(reader, "REDIS_URL", url, ("redis", "rediss", "unix")):
+        _check_redis_options(reader, url)
     if data is None:
         return RedisTopology(url=url)
     if not isinstance(data, dict):

@@ -77,6 +77,17 @@ def test_check_config_lists_every_problem_and_exits_2() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_redis_url_overriding_the_redis_timeout_exits_2_without_its_password(command: str) -> None:
+    url = "redis://:redis-url-pass-8c7d@127.0.0.1:1/0?socket_timeout=5"
+    result = run_cli(command, env={**VALID_ENV, "REDIS_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert "REDIS_URL:" in result.stderr and "socket_timeout" in result.stderr
+    assert "REDIS_TIMEOUT_MS" in result.stderr
+    assert "redis-url-pass" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_without_api_key_exits_2_with_a_clear_error() -> None:
     env = {k: v for k, v in VALID_ENV.items() if k != "ELEVENLABS_API_KEY"}
     result = run_cli("serve", env=env)

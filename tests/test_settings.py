@@ -162,6 +162,49 @@ def test_url_problems_never_echo_the_url() -> None:
         assert not [p for p in found if "supersecret" in p], found
 
 
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [
+        ("socket_timeout=5", "socket_timeout"),
+        ("socket_connect_timeout=5", "socket_connect_timeout"),
+        ("timeout=5", "timeout"),
+        ("socket%5Ftimeout=5", "socket_timeout"),  # redis-py percent-decodes option names too
+        ("retry_on_timeout=true", "retry_on_timeout"),
+        ("retry_on_error=ConnectionError", "retry_on_error"),
+        ("retry=0", "retry"),
+        ("decode_responses=false", "decode_responses"),
+        ("encoding=latin-1", "encoding"),
+        ("encoding_errors=strict", "encoding_errors"),
+        ("client_name=gw&socket_timeout=5", "socket_timeout"),
+    ],
+)
+def test_redis_url_options_the_gateway_sets_itself_are_refused(query: str, option: str) -> None:
+    # redis-py lets URL options override the client's keyword arguments: `?socket_timeout=5` made every
+    # command wait 5 s whatever REDIS_TIMEOUT_MS said.
+    found = problems({**GOOD, "REDIS_URL": f"redis://:hunter2-url-pass@127.0.0.1:6380/0?{query}"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert "REDIS_TIMEOUT_MS" in problem and option in problem
+    assert "hunter2-url-pass" not in problem and "127.0.0.1" not in problem
+
+
+def test_a_refused_redis_url_option_is_named_without_its_value() -> None:
+    found = problems({**GOOD, "REDIS_URL": "redis://127.0.0.1:6380/0?socket_timeout=5&retry_on_timeout=yes"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert "socket_timeout" in problem and "retry_on_timeout" in problem
+    assert "yes" not in problem and "=5" not in problem
+
+
+@pytest.mark.parametrize("topology", ["", "[redis]\ncluster = true\n"])
+def test_redis_url_options_the_gateway_does_not_set_are_kept(topology: str, tmp_path: Path) -> None:
+    url = "redis://127.0.0.1:6380/0?health_check_interval=10&client_name=gw&max_connections=50"
+    env = {**GOOD, "REDIS_URL": url}
+    if topology:
+        config = tmp_path / "gateway.toml"
+        config.write_text(topology)
+        env["GATEWAY_CONFIG"] = str(config)
+    assert load_settings(env).redis.url == url
+
+
 def test_all_problems_are_reported_at_once() -> None:
     found = problems({"OWNERSHIP_MODE": "x", "PORT": "x"})
     text = "\n".join(found)

@@ -15,7 +15,7 @@ from redis.asyncio.sentinel import Sentinel
 from service.ratelimit import Hit, RedisRateLimiter
 from service.redis_client import close_redis, create_redis
 from service.redis_pipeline import PipeliningRedis
-from service.settings import RedisTopology
+from service.settings import GATEWAY_OWNED_REDIS_OPTIONS, RedisTopology
 from tests.ratelimit.conftest import policy
 from tests.support.servers import RedisServer, free_port
 
@@ -45,6 +45,17 @@ async def test_a_client_without_pipelining_keeps_the_socket_timeout(redis_url: s
         assert await client.ping()
     finally:
         await close_redis(client)
+
+
+@pytest.mark.parametrize("pipeline_limit", [100, 1])
+def test_every_connection_option_the_gateway_sets_is_refused_in_redis_url(pipeline_limit: int) -> None:
+    # A URL option overrides the keyword argument of the same name, so settings refuse each one the gateway
+    # passes: an option added to create_redis without joining that list fails here.
+    url = "redis://127.0.0.1:1/0?client_name=probe"
+    ours = create_redis(RedisTopology(url=url), timeout=0.25, pipeline_limit=pipeline_limit)
+    plain = Redis.from_url(url)
+    added = set(ours.connection_pool.connection_kwargs) - set(plain.connection_pool.connection_kwargs)
+    assert added and added <= GATEWAY_OWNED_REDIS_OPTIONS
 
 
 async def test_a_unix_socket_url_connects_and_the_limiter_counts_there() -> None:
