@@ -47,7 +47,10 @@ def security_header_pairs() -> tuple[tuple[bytes, bytes], ...]:
 
 CORS_METHODS: Final = ("GET", "POST", "DELETE", "OPTIONS")
 # X-On-Behalf-Of is deliberately absent: acting for a user is for server-side gateways, never browsers.
-CORS_REQUEST_HEADERS: Final = ("Authorization", "Content-Type", "X-Request-ID")
+# traceparent and tracestate (W3C Trace Context) are what OpenTelemetry's browser instrumentation adds to every
+# fetch: without them each preflight, and so every call, of such a frontend failed. They grant nothing here; the
+# access log keeps only a valid traceparent's trace id.
+CORS_REQUEST_HEADERS: Final = ("Authorization", "Content-Type", "X-Request-ID", "traceparent", "tracestate")
 CORS_EXPOSED_HEADERS: Final = ("RateLimit", "RateLimit-Policy", "Retry-After", "X-Request-ID")
 CORS_MAX_AGE_SECONDS: Final = 600
 

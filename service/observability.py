@@ -43,7 +43,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,6 +64,11 @@ _KNOWN_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELET
 _REQUEST_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _UPSTREAM_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# W3C Trace Context `traceparent`, version 00 only: lower-case hex trace id and parent id (neither all zeros,
+# checked apart) and flags. Anything else is client input of unknown meaning and is ignored, never logged.
+_TRACEPARENT_RE: Final = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE_ID: Final = b"0" * 32
+_ZERO_PARENT_ID: Final = b"0" * 16
 
 _AnyMetric = TypeVar("_AnyMetric", Counter, Gauge, Histogram)
 
@@ -665,6 +669,14 @@ def _client_ip(scope: Scope, state: Mapping[str, Any]) -> str | None:
     return str(client[0]) if client else None
 
 
+def _trace_id(traceparent: bytes) -> str | None:
+    """Return the trace id of a valid W3C version-00 `traceparent` header value, else None."""
+    match = _TRACEPARENT_RE.fullmatch(traceparent)
+    if match is None or match.group(1) == _ZERO_TRACE_ID or match.group(2) == _ZERO_PARENT_ID:
+        return None
+    return match.group(1).decode("ascii")
+
+
 class RequestContextMiddleware:
     """Give every HTTP request an id, then record its metrics and write one access-log line."""
 
@@ -690,10 +702,23 @@ class RequestContextMiddleware:
             return
 
         started = self.clock()
-        offered = Headers(scope=scope).get("x-request-id")
+        # One pass over the raw headers for both (ASGI servers give lower-case names): the first of each wins,
+        # as Headers.get would, except that a second traceparent makes it ambiguous and ignored.
+        offered: bytes | None = None
+        traceparent: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if offered is None:
+                    offered = value
+            elif name == b"traceparent":
+                traceparent = value if traceparent is None else b""
+        offered_id = offered.decode("latin-1") if offered is not None else None
         request_id = (
-            offered if offered is not None and _REQUEST_ID_RE.fullmatch(offered) else uuid.uuid4().hex
+            offered_id
+            if offered_id is not None and _REQUEST_ID_RE.fullmatch(offered_id)
+            else uuid.uuid4().hex
         )
+        trace_id = _trace_id(traceparent) if traceparent is not None else None
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # Resolved once here so the access log, audit lines and the auth-failure limit agree on the client.
@@ -738,7 +763,9 @@ class RequestContextMiddleware:
             # Started but never finished (an upstream stream that failed mid-way, a stalled listener cut off, a
             # client gone): the status alone would read like a complete response.
             incomplete = status is not None and ended is None
-            self._record(scope, state, request_id, final_status, finished - started, disconnected, incomplete)
+            self._record(
+                scope, state, request_id, trace_id, final_status, finished - started, disconnected, incomplete
+            )
             _request_id.reset(token)
 
     def _record(
@@ -746,6 +773,7 @@ class RequestContextMiddleware:
         scope: Scope,
         state: Mapping[str, Any],
         request_id: str,
+        trace_id: str | None,
         status: int,
         seconds: float,
         disconnected: bool,
@@ -765,6 +793,8 @@ class RequestContextMiddleware:
             "user": user_hash(user_id) if isinstance(user_id, str) else None,
             "client_ip": _client_ip(scope, state),
         }
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
         if disconnected:
             fields["client_disconnected"] = True
         if incomplete:

@@ -106,6 +106,18 @@ async def test_preflight_from_allowed_origin_is_granted_and_cached() -> None:
     assert "Origin" in response.headers["vary"]
 
 
+async def test_preflight_of_an_opentelemetry_instrumented_fetch_is_granted() -> None:
+    # OpenTelemetry's browser fetch instrumentation adds W3C trace context headers to every request: refused,
+    # the preflight failed and with it every call such a frontend made.
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.options(
+            "/items/1", headers=preflight(ALLOWED, "GET", "authorization,traceparent,tracestate")
+        )
+    assert response.status_code == 200, response.text
+    allowed_headers = {h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")}
+    assert {"traceparent", "tracestate"} <= allowed_headers
+
+
 async def test_preflight_from_other_origin_gets_no_grant() -> None:
     async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
         response = await http.options("/items/1", headers=preflight(OTHER))

@@ -172,6 +172,79 @@ async def test_access_log_uses_the_proxy_aware_client_ip(
     assert line["client_ip"] == expected
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+VALID_TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+async def test_access_log_carries_the_trace_id_of_a_valid_traceparent(
+    access_caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with client(build_app(Metrics())) as http:
+        response = await http.get(
+            "/items/1", headers={"traceparent": VALID_TRACEPARENT, "tracestate": "vendor=opaque"}
+        )
+    assert response.status_code == 200
+    (line,) = access_lines(access_caplog)
+    assert line["trace_id"] == TRACE_ID
+    assert "00f067aa0ba902b7" not in json.dumps(line) and "vendor" not in json.dumps(line)
+
+
+async def test_access_log_has_no_trace_id_without_a_traceparent(
+    access_caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with client(build_app(Metrics())) as http:
+        await http.get("/items/1")
+    (line,) = access_lines(access_caplog)
+    assert "trace_id" not in line
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"01-{TRACE_ID}-00f067aa0ba902b7-01",  # only version 00 is understood
+        f"ff-{TRACE_ID}-00f067aa0ba902b7-01",  # the version W3C forbids
+        f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01",  # hex is lower-case only
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",  # all-zero trace id
+        f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
+        f"00-{TRACE_ID[:-1]}-00f067aa0ba902b7-01",
+        f"00-{TRACE_ID}-00f067aa0ba902b-01",
+        f"00-{TRACE_ID}-00f067aa0ba902b7-1",
+        f"00-{TRACE_ID}-00f067aa0ba902b7-01-extra",
+        f"00-{TRACE_ID}-00f067aa0ba902b7-0g",
+        f"00_{TRACE_ID}_00f067aa0ba902b7_01",
+        f"00-{TRACE_ID}-00f067aa0ba902b7-01 ",
+        f"00-{TRACE_ID[:24]}\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9-00f067aa0ba902b7-01",
+        "",
+    ],
+)
+async def test_an_invalid_traceparent_is_ignored_and_never_logged(
+    access_caplog: pytest.LogCaptureFixture, traceparent: str
+) -> None:
+    async with client(build_app(Metrics())) as http:
+        response = await http.get("/items/1", headers={b"traceparent": traceparent.encode("latin-1")})
+    assert response.status_code == 200
+    (line,) = access_lines(access_caplog)
+    assert "trace_id" not in line
+    assert TRACE_ID[:24] not in json.dumps(line).lower()
+
+
+async def test_the_request_id_and_traceparent_are_both_read_whatever_their_order(
+    access_caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with client(build_app(Metrics())) as http:
+        await http.get(
+            "/items/1", headers=[("traceparent", VALID_TRACEPARENT), ("X-Request-ID", "req-after")]
+        )
+        await http.get(
+            "/items/1", headers=[("X-Request-ID", "req-before"), ("traceparent", VALID_TRACEPARENT)]
+        )
+    lines = access_lines(access_caplog)
+    assert [(line["request_id"], line["trace_id"]) for line in lines] == [
+        ("req-after", TRACE_ID),
+        ("req-before", TRACE_ID),
+    ]
+
+
 async def test_access_log_records_unhandled_errors(access_caplog: pytest.LogCaptureFixture) -> None:
     async with client(build_app(Metrics())) as http:
         assert (await http.get("/boom")).status_code == 500
