@@ -277,6 +277,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.dev_tokens import mint_token
     from service.emulator import create_emulator_app
+    from service.http_hygiene import LoopbackHostMiddleware
     from service.observability import configure_logging
 
     env = _dev_environment(args.port, args.emulator_port)
@@ -330,15 +331,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "" if (EXAMPLE_DIR / EXAMPLE_CLIENT_BUNDLE).is_file() else f" (first: cd {EXAMPLE_DIR} && npm ci)"
         )
         example_line = f"\nWeb example: http://localhost:{args.port}{EXAMPLE_PREFIX}/{bundle}"
+    # Both listen on loopback only, yet a web page can still reach them through DNS rebinding: each answers
+    # only requests addressed to a loopback name (LoopbackHostMiddleware). `serve` runs behind whatever hosts
+    # production uses and has no such check.
     servers = [
         uvicorn.Server(
             uvicorn.Config(
-                emulator, host="127.0.0.1", port=args.emulator_port, log_config=None, ws="websockets-sansio"
+                LoopbackHostMiddleware(emulator),
+                host="127.0.0.1",
+                port=args.emulator_port,
+                log_config=None,
+                ws="websockets-sansio",
             )
         ),
         uvicorn.Server(
             uvicorn.Config(
-                gateway,
+                LoopbackHostMiddleware(gateway),
                 host="127.0.0.1",
                 port=args.port,
                 **gateway_server_options(),  # as in `serve`: what a developer sees is what production answers

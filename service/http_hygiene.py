@@ -1,8 +1,9 @@
-"""HTTP hygiene: security headers, CORS for an explicit origin list, and a request body size limit."""
+"""HTTP hygiene: security headers, CORS for an explicit origin list, a request body size limit, dev's Host check."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Final
 
 from starlette.datastructures import Headers
@@ -237,3 +238,54 @@ class BodyLimitMiddleware:
             await send(message)
 
         await answer_early_errors(self.app, scope, limited_receive, send_closing_if_unread, answer)
+
+
+# Names that only ever mean this machine: localhost and its subdomains (RFC 6761: browsers resolve *.localhost to
+# loopback themselves, whatever DNS says), 127.0.0.1 and [::1]; any port. ASCII case-insensitive.
+_LOOPBACK_HOST: Final = re.compile(
+    rb"(?:localhost|127\.0\.0\.1|\[::1\]|(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+localhost)(?::[0-9]{1,5})?",
+    re.IGNORECASE,
+)
+MISDIRECTED_DETAIL: Final = (
+    "this development server answers only requests addressed to localhost, *.localhost, 127.0.0.1 or [::1]"
+)
+_WS_POLICY_VIOLATION: Final = 1008
+
+
+class LoopbackHostMiddleware:
+    """Refuse HTTP and WebSocket requests whose Host is not a loopback name (`dev`'s guard against DNS rebinding).
+
+    A page from evil.example whose name later resolves to 127.0.0.1 reaches a loopback server from the
+    developer's own browser, same-origin to that page, so the browser lets it read every answer; the one thing
+    that gives it away is `Host: evil.example`. The answer is 421 Misdirected Request (RFC 9110 15.5.20): the
+    request is well formed (400 would say otherwise) but addressed to an authority this server will not answer
+    for, and a client can fix it by using a loopback name.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        """Wrap `app`; lifespan and other scope types pass through untouched."""
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        # Exactly one Host, all of it a loopback name: a missing or a second Host is no address to trust.
+        if len(hosts) == 1 and _LOOPBACK_HOST.fullmatch(hosts[0]):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            # Closing before accepting makes the server answer the upgrade with 403; the app never sees it.
+            await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
+            return
+        # The Host is not echoed (it is the attacker's text); the body is never read, so the connection closes.
+        response = problem_response(
+            421,
+            "misdirected_request",
+            "Misdirected request",
+            MISDIRECTED_DETAIL,
+            headers={**dict(_API_SECURITY_HEADERS), "Connection": "close"},
+        )
+        await response(scope, receive, send)

@@ -292,6 +292,40 @@ def test_dev_refuses_oversized_and_malformed_requests_as_serve_does(
     assert_connection_problem(answer, code)
 
 
+def test_dev_answers_only_requests_addressed_to_a_loopback_name() -> None:
+    # DNS rebinding: a page from evil.example whose name then resolves to 127.0.0.1 reaches the dev servers
+    # from the developer's browser with `Host: evil.example`; only the Host tells such a request apart.
+    with running_dev_command() as dev:
+        gateway = f"http://127.0.0.1:{dev.port}/healthz"
+        emulator = f"http://127.0.0.1:{dev.emulator_port}/v1/convai/conversations"
+        for url in (gateway, emulator):
+            for host in (
+                "evil.example",
+                "evil.example:8080",
+                "127.0.0.1.evil.example",
+                "localhost.evil.example",
+            ):
+                refused = httpx.get(url, headers={"Host": host}, timeout=10)
+                assert refused.status_code == 421, (url, host, refused.text)
+                assert refused.headers["content-type"] == "application/problem+json"
+                assert refused.json()["code"] == "misdirected_request"
+                assert host not in refused.text
+        for host in ("localhost", f"localhost:{dev.port}", f"127.0.0.1:{dev.port}", f"[::1]:{dev.port}",
+                     f"App.LocalHost:{dev.port}"):  # fmt: skip
+            assert httpx.get(gateway, headers={"Host": host}, timeout=10).status_code == 200, host
+        # Without an xi-api-key the emulator refuses, but as itself (401), not as a misdirected request.
+        assert httpx.get(emulator, headers={"Host": "[::1]"}, timeout=10).status_code == 401
+        # The emulator's WebSocket (the signed URL's) is refused too, before the emulator sees the upgrade.
+        with socket.create_connection(("127.0.0.1", dev.emulator_port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /v1/convai/conversation HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+
+
 def test_dev_ignores_x_forwarded_for_as_serve_does() -> None:
     # uvicorn's proxy-header handling was on in `dev` (`serve` turns it off): a local client could rewrite the
     # client IP that rate limits and the access log use, with any X-Forwarded-For.

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from service.http_hygiene import BodyLimitMiddleware, cors_middleware
+from service.http_hygiene import BodyLimitMiddleware, LoopbackHostMiddleware, cors_middleware
 from service.observability import Metrics
 from tests.observability.support import Probe, build_app
 from tests.support.servers import serve
@@ -252,3 +252,86 @@ async def test_unhandled_errors_carry_cors_headers_for_allowed_origins() -> None
     assert response.status_code == 500
     assert response.headers["access-control-allow-origin"] == ALLOWED
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+
+async def plain_ok(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer 200 to HTTP, accept a WebSocket: what the wrapped dev servers would do."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.accept"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def answer_to(scope_type: str, headers: list[tuple[bytes, bytes]]) -> list[dict[str, object]]:
+    """Return what LoopbackHostMiddleware around `plain_ok` sends for one request with `headers`."""
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": scope_type, "method": "GET", "path": "/", "headers": headers}
+    await LoopbackHostMiddleware(plain_ok)(scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost", "localhost:8080", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "[::1]", "[::1]:8080",
+        "app.localhost", "app.localhost:8080", "a.b-c.localhost:1",
+    ],
+)  # fmt: skip
+async def test_loopback_hosts_are_served(host: str) -> None:
+    sent = await answer_to("http", [(b"host", host.encode())])
+    assert sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example", "evil.example:8080", "localhost.evil.example", "127.0.0.1.nip.io", "localhost.",
+        "evillocalhost", "evil.localhost.example", "[::2]:8080", "[::1]x", "[::ffff:127.0.0.1]:8080",
+        "127.0.0.2:8080", "0.0.0.0:8080", "localhost:", "localhost:8080:80", "localhost:abc", "-a.localhost",
+        "", "user@localhost",
+    ],
+)  # fmt: skip
+async def test_other_hosts_get_a_misdirected_request_problem(host: str) -> None:
+    sent = await answer_to("http", [(b"host", host.encode())])
+    start, body = sent
+    assert start["status"] == 421
+    assert (b"content-type", b"application/problem+json") in start["headers"]  # type: ignore[operator]
+    problem = json.loads(body["body"])  # type: ignore[arg-type]
+    assert (problem["status"], problem["code"]) == (421, "misdirected_request")
+
+
+async def test_a_request_without_a_host_or_with_two_is_refused() -> None:
+    assert (await answer_to("http", []))[0]["status"] == 421
+    two = [(b"host", b"localhost"), (b"host", b"evil.example")]
+    assert (await answer_to("http", two))[0]["status"] == 421
+
+
+async def test_a_websocket_to_another_host_is_closed_before_it_is_accepted() -> None:
+    assert await answer_to("websocket", [(b"host", b"evil.example")]) == [
+        {"type": "websocket.close", "code": 1008}
+    ]
+    assert await answer_to("websocket", [(b"host", b"localhost:8090")]) == [{"type": "websocket.accept"}]
+
+
+async def test_lifespan_passes_through_the_host_check() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    async def nothing() -> dict[str, object]:
+        return {}
+
+    async def drop(message: object) -> None:
+        pass
+
+    await LoopbackHostMiddleware(app)({"type": "lifespan"}, nothing, drop)
+    assert seen == ["lifespan"]

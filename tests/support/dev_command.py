@@ -17,10 +17,11 @@ _PRIVATE_PREFIXES = ("ELEVENLABS_", "JWT_", "REDIS_", "ALLOWED_")
 
 @dataclass
 class DevCommand:
-    """A running `dev` command: its process, gateway port, and the banner it printed."""
+    """A running `dev` command: its process, gateway and emulator ports, and the banner it printed."""
 
     process: subprocess.Popen[str]
     port: int
+    emulator_port: int
     lines: list[str]
 
 
@@ -43,7 +44,7 @@ def running_dev_command(env: Mapping[str, str] | None = None) -> Iterator[DevCom
             lines.append(line.rstrip("\n"))
             if line.startswith("Press Ctrl+C"):
                 break
-        yield DevCommand(process, port, lines)
+        yield DevCommand(process, port, emulator_port, lines)
     finally:
         process.terminate()
         process.wait(timeout=20)
