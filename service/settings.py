@@ -31,8 +31,14 @@ REDIS_ERROR_MODES: tuple[RedisErrorMode, ...] = ("local", "open", "closed")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 MIN_HS256_SECRET_BYTES = 32
-DEFAULT_SCOPES = "convai:session convai:history"
-NEVER_DEFAULT_SCOPES = frozenset({"convai:delete", "convai:act-as"})
+SESSION_SCOPE = "convai:session"
+HISTORY_SCOPE = "convai:history"
+DELETE_SCOPE = "convai:delete"
+ACT_AS_SCOPE = "convai:act-as"
+# Every scope the gateway checks (DESIGN sections 1 and 2); an issuer's `allowed_scopes` may name only these.
+KNOWN_SCOPES = (SESSION_SCOPE, HISTORY_SCOPE, DELETE_SCOPE, ACT_AS_SCOPE)
+DEFAULT_SCOPES = f"{SESSION_SCOPE} {HISTORY_SCOPE}"
+NEVER_DEFAULT_SCOPES = frozenset({DELETE_SCOPE, ACT_AS_SCOPE})
 
 
 class Secret:
@@ -96,6 +102,8 @@ class IssuerConfig:
     hs256_secret: Secret | None = None
     jwks_url: str | None = None
     public_key_pem: str | None = None
+    # The most its tokens may hold: claimed (or default) scopes outside it are dropped. None: every scope.
+    allowed_scopes: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +446,25 @@ def _audiences(reader: _Reader, name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _allowed_scopes(reader: _Reader, name: str, value: Any) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        reader.problems.append(f'{name}: must be a list of scope names, e.g. ["{SESSION_SCOPE}"]')
+        return frozenset()
+    if not value:
+        # "No scope at all" would make every token of the issuer useless; "every scope" is leaving it out.
+        reader.problems.append(f"{name}: must name at least one scope (leave it out to allow every scope)")
+        return frozenset()
+    unknown = [s for s in dict.fromkeys(value) if s not in KNOWN_SCOPES]
+    if unknown:
+        # A typo would otherwise drop a scope silently, and every token of the issuer would get 403s.
+        reader.problems.append(
+            f"{name}: unknown scopes {', '.join(map(repr, unknown))} (known: {', '.join(KNOWN_SCOPES)})"
+        )
+    return frozenset(s for s in value if s in KNOWN_SCOPES)
+
+
 def _issuer_name(reader: _Reader, name: str, value: Any) -> tuple[bool, str | None]:
     """Return (valid, issuer) for a TOML `issuer` value, reporting a wrong type or an empty string."""
     if value is None:
@@ -475,6 +502,7 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
     pem, pem_family = _public_key(reader, "JWT_PUBLIC_KEY_FILE", reader.raw("JWT_PUBLIC_KEY_FILE"))
     if secret is None and jwks is None and pem is None:
         return None
+    allowed = reader.raw("JWT_ALLOWED_SCOPES")  # space-separated, like JWT_DEFAULT_SCOPES
     return IssuerConfig(
         issuer=reader.raw("JWT_ISSUER"),
         audiences=_audiences(reader, "JWT_AUDIENCE", reader.raw("JWT_AUDIENCE")),
@@ -489,6 +517,7 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
         hs256_secret=secret,
         jwks_url=jwks,
         public_key_pem=pem,
+        allowed_scopes=_allowed_scopes(reader, "JWT_ALLOWED_SCOPES", allowed.split() if allowed else None),
     )
 
 
@@ -516,6 +545,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             continue
         unknown = set(entry) - {
             "issuer", "audiences", "algorithms", "hs256_secret_env", "jwks_url", "public_key_file",
+            "allowed_scopes",
         }  # fmt: skip
         if unknown:
             reader.problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
@@ -538,6 +568,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
         jwks = _jwks_url(reader, f"{where}.jwks_url", entry.get("jwks_url"))
         pem, pem_family = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
         audiences = _audiences(reader, f"{where}.audiences", entry.get("audiences"))
+        allowed_scopes = _allowed_scopes(reader, f"{where}.allowed_scopes", entry.get("allowed_scopes"))
         if not {"hs256_secret_env", "jwks_url", "public_key_file"} & set(entry):
             reader.problems.append(f"{where}: needs hs256_secret_env, jwks_url or public_key_file")
             continue
@@ -560,6 +591,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             hs256_secret=secret,
             jwks_url=jwks,
             public_key_pem=pem,
+            allowed_scopes=allowed_scopes,
         )
         issuers.append((f"{where}.issuer", config))
     return issuers

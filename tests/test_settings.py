@@ -11,7 +11,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from service.auth import Authenticator
-from service.settings import DEFAULT_RATE_LIMITS, ConfigError, Secret, load_settings
+from service.openapi import OPERATIONS
+from service.settings import (
+    ACT_AS_SCOPE,
+    DEFAULT_RATE_LIMITS,
+    KNOWN_SCOPES,
+    ConfigError,
+    Secret,
+    load_settings,
+)
 from tests.auth.support import FakeClock, PrivateKey, claims, public_pem, sign
 
 GOOD = {
@@ -589,3 +597,80 @@ def test_wrongly_typed_issuer_value_is_a_problem_not_a_crash(
     found = problems({**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)})
     assert len(found) == 1, found
     assert found[0].startswith(expected), found
+
+
+# --- per-issuer scope allowlist ---------------------------------------------------------------------
+
+
+def test_every_scope_the_gateway_checks_is_a_known_scope() -> None:
+    # An allowlist may only name these, so a scope a route requires but KNOWN_SCOPES lacks could never be allowed.
+    required = {op.scope for op in OPERATIONS.values() if op.scope is not None}
+    assert set(KNOWN_SCOPES) == required | {ACT_AS_SCOPE}
+
+
+def test_issuer_allowed_scopes_are_read_and_default_to_every_scope(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[[issuers]]\nissuer = "https://partner.example"\nhs256_secret_env = "PARTNER"\n'
+        'allowed_scopes = ["convai:session", "convai:history", "convai:session"]\n\n'
+        '[[issuers]]\nissuer = "https://idp.example"\njwks_url = "https://idp.example/jwks.json"\n'
+    )
+    settings = load_settings({**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)})
+    assert [i.allowed_scopes for i in settings.issuers] == [
+        frozenset({"convai:session", "convai:history"}),
+        None,
+    ]
+    assert load_settings(GOOD).issuers[0].allowed_scopes is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            'allowed_scopes = ["convai:session", "convai:sesion", "openid"]',
+            "GATEWAY_CONFIG: issuers[0].allowed_scopes: unknown scopes 'convai:sesion', 'openid' "
+            "(known: convai:session, convai:history, convai:delete, convai:act-as)",
+        ),
+        (
+            'allowed_scopes = ["convai:session convai:history"]',
+            "GATEWAY_CONFIG: issuers[0].allowed_scopes: unknown scopes 'convai:session convai:history'",
+        ),
+        (
+            "allowed_scopes = []",
+            "GATEWAY_CONFIG: issuers[0].allowed_scopes: must name at least one scope",
+        ),
+        (
+            'allowed_scopes = "convai:session"',
+            "GATEWAY_CONFIG: issuers[0].allowed_scopes: must be a list of scope names",
+        ),
+        (
+            'allowed_scopes = ["convai:session", 5]',
+            "GATEWAY_CONFIG: issuers[0].allowed_scopes: must be a list of scope names",
+        ),
+        ("allowed_scopes = true", "GATEWAY_CONFIG: issuers[0].allowed_scopes: must be a list of scope names"),
+    ],
+    ids=["unknown", "one-string-with-spaces", "empty", "string", "list-with-number", "boolean"],
+)
+def test_bad_issuer_allowed_scopes_is_a_problem_naming_the_key(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[[issuers]]\nissuer = "https://p.example"\nhs256_secret_env = "PARTNER"\n{line}\n')
+    found = problems({**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)})
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
+
+
+def test_environment_issuer_allowed_scopes_are_read_from_jwt_allowed_scopes() -> None:
+    settings = load_settings({**GOOD, "JWT_ALLOWED_SCOPES": " convai:session  convai:act-as "})
+    assert settings.issuers[0].allowed_scopes == frozenset({"convai:session", "convai:act-as"})
+    # Empty, like every variable, means unset: every scope.
+    assert load_settings({**GOOD, "JWT_ALLOWED_SCOPES": " "}).issuers[0].allowed_scopes is None
+
+
+def test_unknown_scope_in_jwt_allowed_scopes_is_a_problem_naming_the_variable() -> None:
+    found = problems({**GOOD, "JWT_ALLOWED_SCOPES": "convai:session convai:admin"})
+    assert found == [
+        "JWT_ALLOWED_SCOPES: unknown scopes 'convai:admin' "
+        "(known: convai:session, convai:history, convai:delete, convai:act-as)"
+    ]

@@ -51,6 +51,7 @@ from service.ownership import (
 )
 from service.ratelimit import enforce
 from service.redaction import redact
+from service.settings import DELETE_SCOPE, HISTORY_SCOPE
 from service.state import principal_of, services_of
 
 if TYPE_CHECKING:
@@ -61,8 +62,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("service.routes.conversations")
 
-HISTORY_SCOPE = "convai:history"
-DELETE_SCOPE = "convai:delete"
 LIST_ROUTE = "/v1/convai/conversations"
 DETAILS_ROUTE = "/v1/convai/conversations/{conversation_id}"
 AUDIO_ROUTE = "/v1/convai/conversations/{conversation_id}/audio"

@@ -35,9 +35,9 @@ from service.errors import InvalidRequest, UpstreamError, headers_on_error, upst
 from service.ledger import LedgerEntry
 from service.observability import audit, current_request_id
 from service.ratelimit import Decision, enforce
+from service.settings import SESSION_SCOPE
 from service.state import Services, principal_of, services_of
 
-SESSION_SCOPE = "convai:session"
 SIGNED_URL_ROUTE = "/v1/convai/conversation/get-signed-url"
 WEBRTC_TOKEN_ROUTE = "/v1/convai/conversation/token"  # noqa: S105 - a path, not a secret
 SIGNED_URL_LIFETIME_SECONDS = 15 * 60
