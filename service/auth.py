@@ -38,13 +38,12 @@ from service.errors import (
 )
 from service.jwks import ALGORITHM_FAMILIES, JwksCache, VerificationKey, key_family
 from service.observability import audit
-from service.settings import IssuerConfig, Settings, safe_url
+from service.settings import ACT_AS_SCOPE, IssuerConfig, Settings, safe_url
 
 logger = logging.getLogger("service.auth")
 
 MAX_TOKEN_BYTES = 8 * 1024
 TOKEN_CACHE_SIZE = 10_000
-ACT_AS_SCOPE = "convai:act-as"
 MAX_USER_ID_LENGTH = 256
 MAX_KIDLESS_CANDIDATES = 3
 # Header parameters that would let a token choose or smuggle its own key, or demand semantics we ignore.
@@ -89,6 +88,7 @@ class _Issuer:
     hs_secret: bytes | None
     static_key: VerificationKey | None
     jwks: JwksCache | None
+    allowed_scopes: frozenset[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +157,7 @@ class Authenticator:
                     hs_secret=config.hs256_secret.reveal().encode() if config.hs256_secret else None,
                     static_key=_pem_key(config.public_key_pem) if config.public_key_pem else None,
                     jwks=jwks,
+                    allowed_scopes=config.allowed_scopes,
                 )
             )
         self._jwks_caches = tuple(caches.values())
@@ -316,9 +317,14 @@ class Authenticator:
         if max_lifetime is not None and iat is not None and exp - iat > max_lifetime:
             raise AuthenticationFailed("lifetime too long")
         _check_audience(issuer.config.audiences, claims)
+        scopes = _scopes(claims, self._settings.jwt_default_scopes)
+        if issuer.allowed_scopes is not None:
+            # What the issuer may grant bounds what its tokens claim: a partner's IdP cannot mint act-as.
+            # Applied before caching, so a cached token costs nothing more.
+            scopes &= issuer.allowed_scopes
         return Principal(
             user_id=_user_id(claims, self._settings.jwt_user_claim),
-            scopes=_scopes(claims, self._settings.jwt_default_scopes),
+            scopes=scopes,
             agents=_agents(claims),
             issuer=issuer.config.issuer,
             expires_at=int(exp),

@@ -472,6 +472,48 @@ async def test_agents_claim_narrows_the_workspace_allowlist(clock: FakeClock) ->
         unrestricted.require_agent("agent_z", WORKSPACE_AGENTS)
 
 
+# --- per-issuer scope allowlist ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"scope": "convai:session convai:history convai:delete convai:act-as"}, {"convai:session"}),
+        ({"scp": ["convai:delete", "convai:session", "openid"]}, {"convai:session"}),
+        ({"scope": "convai:delete"}, set()),
+        ({}, {"convai:session"}),  # the defaults (session, history) are narrowed too
+    ],
+)
+async def test_issuer_allowed_scopes_narrow_the_token_scopes(
+    clock: FakeClock, extra: dict[str, Any], expected: set[str]
+) -> None:
+    restricted = hs_issuer(allowed_scopes=frozenset({"convai:session"}))
+    async with started(settings_for(restricted), clock) as auth:
+        principal = await auth.authenticate("Bearer " + sign(claims(**extra), HS_SECRET, "HS256"))
+    assert principal.scopes == frozenset(expected)
+
+
+async def test_act_as_outside_the_issuer_allowlist_is_forbidden_also_from_the_cache(clock: FakeClock) -> None:
+    partner = hs_issuer(
+        OTHER_HS_SECRET, issuer="https://partner.example", allowed_scopes=frozenset({"convai:session"})
+    )
+    own = hs_issuer(issuer="https://own.example")
+    scope = "convai:session convai:act-as"
+    partner_token = sign(
+        claims(sub="svc", iss="https://partner.example", scope=scope), OTHER_HS_SECRET, "HS256"
+    )
+    own_token = sign(claims(sub="svc", iss="https://own.example", scope=scope), HS_SECRET, "HS256")
+    async with started(settings_for(own, partner), clock) as auth:
+        for _ in range(2):  # the second time from the verified-token cache
+            with pytest.raises(ActAsNotAllowed) as info:
+                await auth.authenticate(f"Bearer {partner_token}", "user-42")
+            assert info.value.status == 403
+            assert (await auth.authenticate(f"Bearer {partner_token}")).scopes == {"convai:session"}
+            acting = await auth.authenticate(f"Bearer {own_token}", "user-42")
+            assert (acting.user_id, acting.actor) == ("user-42", "svc")
+        assert auth.signature_checks == 2
+
+
 # --- acting for a user ------------------------------------------------------------------------------
 
 
