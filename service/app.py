@@ -27,7 +27,7 @@ from service.observability import (
 from service.ratelimit import IpAuthFailureGuard, build_rate_limiter
 from service.redis_client import REDIS_ERRORS, close_redis, create_redis
 from service.routes import conversations, health, sessions
-from service.settings import Settings, load_settings
+from service.settings import ACT_AS_SCOPE, Settings, load_settings
 from service.state import Services
 from service.upstream import UpstreamClient, create_http_client, create_transport, split_proxy_url
 
@@ -39,6 +39,7 @@ MAX_BODY_BYTES = 16 * 1024
 def create_app(settings: Settings) -> Starlette:
     """Build the gateway ASGI app from validated settings."""
     _mask_configured_secrets(settings)
+    _warn_of_unbounded_issuers(settings)
     metrics = Metrics()
     authenticator = Authenticator(settings, on_jwks_refresh=metrics.jwks_refresh)
     # Redis clients connect lazily, so building them here (outside the event loop) is safe; the lifespan
@@ -158,6 +159,25 @@ def _mask_configured_secrets(settings: Settings) -> None:
         _, authorization = split_proxy_url(proxy_url)
         if authorization is not None:
             mask_known_secret(authorization.removeprefix("Basic "))
+
+
+def _warn_of_unbounded_issuers(settings: Settings) -> None:
+    # With several issuers, one that may grant act-as lets whoever controls it impersonate the users of all
+    # the others. A lone issuer is left alone: its API gateway's service token needs act-as, and there are no
+    # other issuers whose users it could take over.
+    if len(settings.issuers) < 2:
+        return
+    # Several issuers all have a name (settings refuses them otherwise); the name is the iss, never a secret.
+    unbounded = [str(config.issuer) for config in settings.issuers if config.allowed_scopes is None]
+    if unbounded:
+        logger.warning(
+            "%d token issuers are configured, and %s may grant %s (impersonate any user, of any issuer) without "
+            "a scope allowlist; give every issuer allowed_scopes in [[issuers]] (JWT_ALLOWED_SCOPES for the "
+            "environment issuer)",
+            len(settings.issuers),
+            ", ".join(unbounded),
+            ACT_AS_SCOPE,
+        )
 
 
 def app_from_environment() -> Starlette:

@@ -1,15 +1,18 @@
-"""Per-issuer scope allowlists through the real app."""
+"""Per-issuer scope allowlists through the real app, and the start-up warning about unbounded act-as."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 
+from service.app import create_app
 from service.dev_tokens import mint_token
-from tests.support.gateway import Gateway
+from service.settings import load_settings
+from tests.support.gateway import TEST_JWT_SECRET, Gateway
 
 OWN = "https://own.example"
 PARTNER = "https://partner.example"
@@ -65,3 +68,57 @@ async def test_restricted_issuer_cannot_act_as_even_with_the_scope_in_its_token(
     for _ in range(2):
         acting = await two_issuers.client.get(SIGNED_URL, params={"agent_id": "agent_demo"}, headers=own)
         assert acting.status_code == 200, acting.text
+
+
+# --- the start-up warning ---------------------------------------------------------------------------
+
+
+def warnings_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, **env: str) -> list[str]:
+    """Build the app from this configuration and return the WARNING lines it logged."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(toml)
+    settings = load_settings(
+        {
+            "ELEVENLABS_API_KEY": "xi-key",
+            "ALLOWED_AGENT_IDS": "agent_demo",
+            "JWT_HS256_SECRET": TEST_JWT_SECRET,
+            "PARTNER_SECRET": PARTNER_SECRET,
+            "GATEWAY_CONFIG": str(config),
+            **env,
+        }
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_app(settings)
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+PARTNER_ENTRY = f'[[issuers]]\nissuer = "{PARTNER}"\nhs256_secret_env = "PARTNER_SECRET"\n'
+SESSIONS_ONLY = 'allowed_scopes = ["convai:session"]\n'
+
+
+def test_warning_names_each_issuer_that_may_grant_act_as_without_an_allowlist(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (warning,) = warnings_at_start(tmp_path, caplog, PARTNER_ENTRY + SESSIONS_ONLY, JWT_ISSUER=OWN)
+    assert OWN in warning and PARTNER not in warning
+    assert "convai:act-as" in warning and "allowed_scopes" in warning and "JWT_ALLOWED_SCOPES" in warning
+    assert TEST_JWT_SECRET not in warning and PARTNER_SECRET not in warning
+    (both,) = warnings_at_start(tmp_path, caplog, PARTNER_ENTRY, JWT_ISSUER=OWN)
+    assert OWN in both and PARTNER in both
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ("", {}),  # one issuer: its API gateway's token needs act-as, and there is no other issuer to attack
+        (PARTNER_ENTRY, {"JWT_HS256_SECRET": ""}),  # one issuer, from the file (empty: unset)
+        (PARTNER_ENTRY + SESSIONS_ONLY, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING}),  # act-as chosen
+        (PARTNER_ENTRY + SESSIONS_ONLY, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": "convai:history"}),
+    ],
+    ids=["environment-only", "file-only", "act-as-listed", "all-bounded"],
+)
+def test_no_warning_when_no_second_issuer_or_every_issuer_is_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, env: dict[str, str]
+) -> None:
+    assert warnings_at_start(tmp_path, caplog, toml, **env) == []
