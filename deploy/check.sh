@@ -222,6 +222,12 @@ expect_render_failure "grace period shorter than the drain" --set terminationGra
 expect_render_failure "a scrape timeout longer than the scrape interval" --set metrics.serviceMonitor.enabled=true \
     --set metrics.serviceMonitor.interval=5s
 expect_render_failure "issuer secret env not wired" --set 'gatewayToml.issuers[0].hs256SecretEnv=NOPE'
+ISSUER=(--set 'gatewayToml.issuers[0].issuer=https://p.example' --set 'gatewayToml.issuers[0].jwksUrl=https://p.example/jwks')
+expect_render_failure "an unknown scope in an issuer's allowedScopes" "${ISSUER[@]}" \
+    --set 'gatewayToml.issuers[0].allowedScopes={convai:session,convai:admin}'
+expect_render_failure "an empty issuer allowedScopes (leave it out for every scope)" "${ISSUER[@]}" \
+    --set-json 'gatewayToml.issuers[0].allowedScopes=[]'
+expect_render_failure "an unknown scope in config.jwt.allowedScopes" --set 'config.jwt.allowedScopes={convai:sesion}'
 expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
 expect_render_failure "a chart-managed name in extraEnv" --set config.extraEnv.PORT=9000
 expect_render_failure "a secret-looking name in extraEnv" --set config.extraEnv.PARTNER_HS256_SECRET=x
@@ -565,7 +571,20 @@ def expect_ok(name: str) -> Settings | None:
     return settings
 
 
-expect_ok("full-values")
+full = expect_ok("full-values")
+# The scope allowlists reach the gateway: JWT_ALLOWED_SCOPES for the environment issuer, allowed_scopes for two
+# of the file's issuers, and none (every scope) for the third, which leaves allowedScopes out.
+check(
+    full is not None
+    and [i.allowed_scopes and sorted(i.allowed_scopes) for i in full.issuers]
+    == [
+        ["convai:act-as", "convai:delete", "convai:history", "convai:session"],
+        ["convai:history", "convai:session"],
+        ["convai:session"],
+        None,
+    ],
+    "full-values: the issuers' allowedScopes do not reach the gateway as configured",
+)
 for exposed in ("loadbalancer", "nodeport-metrics-on-http"):
     docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d]
     service_monitors(docs, exposed)

@@ -124,6 +124,9 @@ jwks_url = {{ .jwksUrl | toJson }}
 {{- if .publicKeyFile }}
 public_key_file = {{ printf "/etc/convai-gateway/keys/%s" .publicKeyFile | toJson }}
 {{- end }}
+{{- if .allowedScopes }}
+allowed_scopes = {{ .allowedScopes | toJson }}
+{{- end }}
 {{- end }}
 {{- range $name, $policy := .Values.gatewayToml.rateLimits }}
 
