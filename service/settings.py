@@ -661,15 +661,53 @@ GATEWAY_OWNED_REDIS_OPTIONS: Final = frozenset(
 )
 
 
+# The other REDIS_URL query options the gateway passes on. redis-py hands any other name to the connection class
+# as a keyword argument, and an unknown one (`?foo=bar`, a typo) raised TypeError on every connection attempt:
+# not a Redis error, so every request failed with a 500 instead of the gateway refusing to start.
+SUPPORTED_REDIS_OPTIONS: Final = frozenset(
+    {
+        "db",
+        "username",
+        "password",
+        "client_name",
+        "health_check_interval",
+        "max_connections",
+        "socket_keepalive",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+        "ssl_min_version",
+        "ssl_ciphers",
+        "ssl_include_verify_flags",
+        "ssl_exclude_verify_flags",
+    }
+)
+_OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
 def _check_redis_options(reader: _Reader, url: str) -> None:
-    # Names are read as redis-py reads them (parse_qs percent-decodes them). Only names from the fixed set are
-    # echoed, never values: a URL's query may hold a password too (`?password=...`).
-    owned = sorted(GATEWAY_OWNED_REDIS_OPTIONS.intersection(parse_qs(urlsplit(url).query)))
+    # Names are read as redis-py reads them (parse_qs percent-decodes them). Values are never echoed: a URL's
+    # query may hold a password too (`?password=...`).
+    names = set(parse_qs(urlsplit(url).query))
+    owned = sorted(GATEWAY_OWNED_REDIS_OPTIONS & names)
     if owned:
         reader.problems.append(
             f"REDIS_URL: remove the query option(s) {', '.join(owned)}: the gateway sets them itself "
             "(Redis timeouts come from REDIS_TIMEOUT_MS, a timed-out command is never retried, replies are "
             "decoded by the gateway); URL not shown"
+        )
+    unknown = names - GATEWAY_OWNED_REDIS_OPTIONS - SUPPORTED_REDIS_OPTIONS
+    if unknown:
+        # A name that does not look like an option could be a pasted secret: counted, not shown.
+        shown = sorted(name for name in unknown if _OPTION_NAME.fullmatch(name))
+        hidden = len(unknown) - len(shown)
+        listed = ", ".join([*shown, *([f"{hidden} more not shown"] if hidden else [])])
+        reader.problems.append(
+            f"REDIS_URL: unsupported query option(s) {listed} (supported: "
+            f"{', '.join(sorted(SUPPORTED_REDIS_OPTIONS))}); URL not shown"
         )
 
 

@@ -16,6 +16,7 @@ from service.settings import (
     ACT_AS_SCOPE,
     DEFAULT_RATE_LIMITS,
     KNOWN_SCOPES,
+    SUPPORTED_REDIS_OPTIONS,
     ConfigError,
     Secret,
     load_settings,
@@ -211,6 +212,37 @@ def test_redis_url_options_the_gateway_does_not_set_are_kept(topology: str, tmp_
         config.write_text(topology)
         env["GATEWAY_CONFIG"] = str(config)
     assert load_settings(env).redis.url == url
+
+
+@pytest.mark.parametrize("query", ["foo=bar", "health_check_intervall=10", "credential_provider=x"])
+def test_redis_url_options_redis_py_cannot_take_are_refused(query: str) -> None:
+    # redis-py passes an unknown option to the connection class, which raised TypeError on every
+    # connection attempt: a 500 on every request instead of a refusal at start.
+    found = problems({**GOOD, "REDIS_URL": f"redis://:hunter2-url-pass@127.0.0.1:6380/0?{query}"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert query.partition("=")[0] in problem and "supported: " in problem
+    assert "hunter2-url-pass" not in problem and "127.0.0.1" not in problem
+
+
+def test_a_redis_url_option_name_that_looks_like_no_option_is_not_echoed() -> None:
+    found = problems({**GOOD, "REDIS_URL": "redis://127.0.0.1:6380/0?sk_PASTED-SECRET-9f8e=1&foo=1"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert "PASTED" not in problem and "foo" in problem and "1 more not shown" in problem
+
+
+def test_every_supported_redis_url_option_is_one_redis_py_accepts() -> None:
+    import inspect
+
+    from redis.asyncio import connection
+
+    accepted = set(connection.URL_QUERY_ARGUMENT_PARSERS) | {"max_connections"}
+    for cls in (
+        connection.AbstractConnection,
+        connection.SSLConnection,
+        connection.UnixDomainSocketConnection,
+    ):
+        accepted |= set(inspect.signature(cls.__init__).parameters)
+    assert SUPPORTED_REDIS_OPTIONS <= accepted
 
 
 def test_all_problems_are_reported_at_once() -> None:
