@@ -214,6 +214,7 @@ expect_render_failure "sentinel without hosts" --set redis.mode=sentinel
 expect_render_failure "cluster without seed URL" --set redis.mode=cluster
 expect_render_failure "bad ownership mode" --set config.ownershipMode=anyone
 expect_render_failure "delete scope as a default" --set config.jwt.defaultScopes=convai:delete
+expect_render_failure "unknown default scope" --set config.jwt.defaultScopes="convai:session convai:feedback"
 expect_render_failure "short HS256 secret" --set secret.jwtHs256Secret=short
 expect_render_failure "unknown rate-limit policy" --set gatewayToml.rateLimits.user-typo.limit=1
 expect_render_failure "metrics port equals http port" --set metrics.port=8080

@@ -856,6 +856,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"JWT_DEFAULT_SCOPES: {', '.join(sorted(scopes & NEVER_DEFAULT_SCOPES))} can never be a default"
         )
         scopes -= NEVER_DEFAULT_SCOPES
+    unknown_defaults = sorted(scopes - set(KNOWN_SCOPES))
+    if unknown_defaults:
+        # A typo (convai:sessions) would give every token without a scope claim a scope no route checks: each
+        # of them would get 403s, with nothing at start to say why.
+        reader.problems.append(
+            f"JWT_DEFAULT_SCOPES: unknown scopes {', '.join(map(repr, unknown_defaults))}"
+            f" (known: {', '.join(KNOWN_SCOPES)})"
+        )
 
     agents = frozenset(reader.csv("ALLOWED_AGENT_IDS"))
     if not agents:

@@ -155,6 +155,7 @@ def test_every_contract_name_is_read() -> None:
         ("JWT_HS256_SECRET", "short", "JWT_HS256_SECRET: an HS256 secret must be at least 32 bytes"),
         ("JWT_JWKS_URL", "http://idp.example/jwks", "JWT_JWKS_URL: must use https"),
         ("JWT_DEFAULT_SCOPES", "convai:session convai:delete", "convai:delete can never be a default"),
+        ("JWT_DEFAULT_SCOPES", "convai:session convai:feedback", "unknown scopes 'convai:feedback'"),
         ("ALLOWED_AGENT_IDS", "", "ALLOWED_AGENT_IDS: required"),
     ],
 )
