@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from service.redis_client import close_redis, create_redis
 from service.redis_pipeline import PipeliningRedis
 from service.settings import GATEWAY_OWNED_REDIS_OPTIONS, RedisTopology
 from tests.ratelimit.conftest import policy
-from tests.support.servers import RedisServer, free_port
+from tests.support.servers import RedisSentinel, RedisServer
 
 
 async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url: str) -> None:
@@ -79,28 +78,12 @@ async def test_a_unix_socket_url_connects_and_the_limiter_counts_there() -> None
 @pytest.fixture
 def sentinel(redis_server: RedisServer, redis_url: str) -> Iterator[tuple[str, int]]:
     """Run a real redis-sentinel monitoring the private Redis as `gwmaster`; yield its address."""
-    directory = Path(tempfile.mkdtemp(prefix="convai-sentinel-"))
-    port = free_port()
-    config = directory / "sentinel.conf"
-    config.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
-        f"sentinel monitor gwmaster 127.0.0.1 {redis_server.port} 1\n",
-        encoding="utf-8",
-    )
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    process = subprocess.Popen(
-        [binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    server = RedisSentinel("gwmaster", redis_server.port)
     try:
-        probe = RedisServer(port=port)  # reuse its PING wait; it never starts a process here
-        probe.wait_ready()
-        shutil.rmtree(probe.workdir, ignore_errors=True)
-        yield ("127.0.0.1", port)
+        server.start()
+        yield server.address
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(directory, ignore_errors=True)
+        server.close()
 
 
 async def test_sentinel_topology_resolves_the_master(

@@ -1,15 +1,17 @@
-"""Real servers for tests: a private redis-server and ASGI apps served by uvicorn on loopback."""
+"""Real servers for tests: private redis-servers (standalone, or a Sentinel group) and ASGI apps on loopback."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +50,21 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self.process is not None and self.process.poll() is None:
             return
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--enable-debug-command", "local",
-                *self.extra_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_ready()
+
+    def command(self) -> list[str]:
+        """Return the command line that starts this server."""
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--enable-debug-command", "local",
+            *self.extra_args,
+        ]  # fmt: skip
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server answers PING, or raise."""
@@ -94,6 +96,14 @@ class RedisServer:
             self.process.wait()
         self.process = None
 
+    def kill(self) -> None:
+        """Kill the server with SIGKILL (a crash: no shutdown, no save); `start()` brings it back."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
     def client(self) -> redis.Redis:
         """Return a synchronous client for assertions and setup."""
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
@@ -107,6 +117,158 @@ class RedisServer:
         """Stop the server and remove its directory."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisSentinel(RedisServer):
+    """A `redis-server --sentinel` on a free loopback port monitoring one master, with short failover timings.
+
+    Sentinel rewrites its configuration file as it learns the topology, so the file lives in the server's
+    own directory and is written once: a restarted sentinel resumes from what it had learned.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        master_port: int,
+        *,
+        quorum: int = 1,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        super().__init__()
+        self.service = service
+        self.master_port = master_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Return the (host, port) clients give to a Sentinel client."""
+        return ("127.0.0.1", self.port)
+
+    def command(self) -> list[str]:
+        """Write the sentinel configuration if it is not there yet; return the command line."""
+        config = self.workdir / "sentinel.conf"
+        if not config.exists():
+            # `sentinel monitor` must come before the other settings of its master.
+            config.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} 1\n",
+                encoding="utf-8",
+            )
+        return [self.binary, str(config), "--sentinel"]
+
+    def master_port_now(self) -> int | None:
+        """Return the port of the master this sentinel currently names, or None if it names none."""
+        with contextlib.closing(self.client()) as client:
+            address = client.sentinel_get_master_addr_by_name(self.service)
+        return int(address[1]) if isinstance(address, tuple) else None
+
+    def known_replica_ports(self) -> set[int]:
+        """Return the ports of the replicas this sentinel knows and considers up."""
+        with contextlib.closing(self.client()) as client:
+            replicas = client.sentinel_slaves(self.service)
+        return {int(r["port"]) for r in replicas if not r["is_sdown"] and not r["is_odown"]}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `condition()` until it is true, or raise AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except redis.RedisError:
+            pass  # a server still starting, or one just failed over: ask again
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)  # polling other processes' state, not papering over a race
+
+
+def replication_info(server: RedisServer) -> dict[str, Any]:
+    """Return the server's INFO replication section."""
+    with contextlib.closing(server.client()) as client:
+        info: dict[str, Any] = client.info("replication")
+    return info
+
+
+def in_sync(replica: RedisServer) -> bool:
+    """Tell whether the replica's link to its master is up (its first full sync done)."""
+    return bool(replication_info(replica)["master_link_status"] == "up")
+
+
+class SentinelGroup:
+    """A master, its replicas and one sentinel (quorum 1) monitoring them as one service, all on loopback."""
+
+    def __init__(self, service: str = "gwmaster", *, replicas: int = 1) -> None:
+        self.service = service
+        # Without a delay the first full sync starts at once (Redis 7 waits 5 s for more replicas to join).
+        self.master = RedisServer(extra_args=("--repl-diskless-sync-delay", "0"))
+        self.replicas = [
+            RedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.master.port)))
+            for _ in range(replicas)
+        ]
+        self.sentinel = RedisSentinel(service, self.master.port)
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        """Return the data servers: the first master and its replicas (roles change after a failover)."""
+        return [self.master, *self.replicas]
+
+    def start(self) -> None:
+        """Start every process; wait until the replicas are in sync and the sentinel knows them."""
+        self.master.start()
+        for replica in self.replicas:
+            replica.start()
+        for replica in self.replicas:
+            wait_for(partial(in_sync, replica), f"replica {replica.port} to finish its first sync")
+        # Started only now, the sentinel's first INFO of the master lists every replica (the next one comes
+        # 10 s later), so it can fail over as soon as the test needs it to.
+        self.sentinel.start()
+        replica_ports = {r.port for r in self.replicas}
+        wait_for(
+            lambda: self.sentinel.known_replica_ports() == replica_ports, "the sentinel to see the replicas"
+        )
+
+    def server_on(self, port: int) -> RedisServer:
+        """Return the data server listening on `port`."""
+        return next(s for s in self.servers if s.port == port)
+
+    def promoted(self, away_from: RedisServer) -> RedisServer | None:
+        """Return the master the sentinel names if it is not `away_from` and acts as master; else None."""
+        port = self.sentinel.master_port_now()
+        if port is None or port == away_from.port:
+            return None
+        server = self.server_on(port)
+        return server if replication_info(server)["role"] == "master" else None
+
+    def wait_for_failover(self, away_from: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until the sentinel names a master other than `away_from` that acts as master; return it."""
+        wait_for(lambda: self.promoted(away_from) is not None, "a sentinel failover", timeout)
+        server = self.promoted(away_from)
+        assert server is not None
+        return server
+
+    def close(self) -> None:
+        """Stop every process and remove its directory, each even if another fails to stop."""
+        with contextlib.ExitStack() as stack:
+            for server in [*self.servers, self.sentinel]:
+                stack.callback(server.close)
+
+
+@contextlib.contextmanager
+def sentinel_group(service: str = "gwmaster", *, replicas: int = 1) -> Iterator[SentinelGroup]:
+    """Run a started `SentinelGroup` for the duration of the block; stop all its processes afterwards."""
+    group = SentinelGroup(service, replicas=replicas)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.close()
 
 
 class ServedApp:

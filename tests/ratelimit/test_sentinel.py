@@ -1,0 +1,239 @@
+"""The whole gateway on a real Redis Sentinel group (master, replica, sentinel on loopback) and its failover.
+
+The gateway is built by `create_app` from a GATEWAY_CONFIG naming only the sentinels, so every Redis
+command reaches the master the sentinels name. The failover test kills the master with SIGKILL and lets the
+sentinel promote the replica, while the test keeps calling the gateway: it must answer the documented 503s
+(or serve through the limiter's local fallback) during the outage, never a 500 and never hang, and serve
+again from the new master by itself, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.ledger import decode_entry, ledger_key
+from tests.conftest import EMULATOR_API_KEY
+from tests.support.gateway import Gateway, run_gateway
+from tests.support.servers import RedisServer, SentinelGroup, sentinel_group, wait_for
+
+SERVICE = "gwmaster"
+SIGNED_URL = "/v1/convai/conversation/get-signed-url"
+TOKEN = "/v1/convai/conversation/token"
+CONVERSATIONS = "/v1/convai/conversations"
+AGENT = "agent_demo"
+
+# The test client, the emulator and the gateway share one process: on a loaded machine an event-loop stall
+# of the harness must not pass for a Redis timeout (as in tests/reliability).
+REDIS_TIMEOUT_MS = "500"
+
+# No request of the failover test reaches these limits, yet a request's GCRA state lives in Redis for
+# 3.6 s (one interval), long enough for the test to find it there.
+GENEROUS = {name: (1_000, 1_000) for name in ("user-session", "agent-session", "user-history")}
+
+# A deadline for the whole failover (detection after down-after-milliseconds = 500, promotion, the
+# limiter's 5 s circuit cooldown): generous for a loaded 2-core machine; it takes a few seconds.
+FAILOVER_DEADLINE_SECONDS = 30.0
+
+# No request may take longer than this during the outage: each Redis step is bounded by REDIS_TIMEOUT_MS
+# (a mint has two: the limiter and the ledger), plus the sentinel query; far above that is a hang.
+REQUEST_BOUND_SECONDS = 3.0
+
+# The pace of the polling loops (a request set, then this pause): often enough to see the outage's end.
+POLL_SECONDS = 0.05
+
+
+@pytest.fixture
+def group() -> Iterator[SentinelGroup]:
+    """Yield a started group: a master, one replica in sync, one sentinel (quorum 1) that knows both."""
+    with sentinel_group(SERVICE) as started:
+        yield started
+
+
+def write_config(directory: Path, group: SentinelGroup, limits: Mapping[str, tuple[int, int]]) -> str:
+    """Write a GATEWAY_CONFIG that reaches Redis through the group's sentinels only; return its path."""
+    host, port = group.sentinel.address
+    lines = ["[redis]", f'sentinels = ["{host}:{port}"]', f'sentinel_service = "{SERVICE}"', ""]
+    for name, (limit, burst) in limits.items():
+        lines += [
+            f"[rate_limits.{name}]",
+            f"limit = {limit}",
+            "period_seconds = 3600",
+            f"burst = {burst}",
+            "",
+        ]
+    path = directory / "gateway.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return str(path)
+
+
+@contextlib.asynccontextmanager
+async def gateway_on(
+    emulator_url: str, group: SentinelGroup, directory: Path, limits: Mapping[str, tuple[int, int]]
+) -> AsyncIterator[Gateway]:
+    """Run a gateway (no REDIS_URL) whose Redis is the group's master, in the ledger-only ownership mode."""
+    env = {
+        "GATEWAY_CONFIG": write_config(directory, group, limits),
+        "OWNERSHIP_MODE": "ledger",  # only the ledger grants a conversation: a read proves the ledger works
+        "REDIS_TIMEOUT_MS": REDIS_TIMEOUT_MS,
+    }
+    async with run_gateway(emulator_url, EMULATOR_API_KEY, None, env) as gateway:
+        yield gateway
+
+
+async def mint(gw: Gateway, user: str) -> httpx.Response:
+    """Ask the gateway for a signed URL for `user`."""
+    return await gw.client.get(SIGNED_URL, params={"agent_id": AGENT}, headers=gw.headers(user))
+
+
+async def seed(gw: Gateway, conversation_id: str, user_id: str) -> None:
+    """Create the minted conversation in the emulator, as the conversation WebSocket would."""
+    body = {"conversation_id": conversation_id, "agent_id": AGENT, "user_id": user_id}
+    (await gw.emulator.post("/_emulator/conversations", json=body)).raise_for_status()
+
+
+def ledger_owner(server: RedisServer, conversation_id: str) -> str | None:
+    """Return the user the ledger on `server` records for the conversation, or None."""
+    with contextlib.closing(server.client()) as client:
+        raw = client.get(ledger_key(conversation_id))
+    return None if raw is None else decode_entry(raw).user_id
+
+
+def has_key(server: RedisServer, key: str) -> bool:
+    """Tell whether `server` holds `key`."""
+    with contextlib.closing(server.client()) as client:
+        return bool(client.exists(key))
+
+
+# ------------------------------------------------------------------------------------------- steady state
+
+
+async def test_rate_limits_and_ledger_work_through_sentinel(
+    group: SentinelGroup, emulator_url: str, tmp_path: Path
+) -> None:
+    limits = {"user-session": (2, 2)}
+    async with gateway_on(emulator_url, group, tmp_path, limits) as gw:
+        ready = await gw.client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["mode"]["ledger"] == "redis"
+
+        minted = await mint(gw, "alice")
+        assert minted.status_code == 200, minted.text
+        conversation_id = minted.json()["conversation_id"]
+        # Written on the master the sentinel names, and replicated from there.
+        assert ledger_owner(group.master, conversation_id) == "alice"
+        assert has_key(group.master, "rl:{user:alice}:user-session")
+        replica = group.replicas[0]
+        wait_for(lambda: ledger_owner(replica, conversation_id) == "alice", "the entry on the replica", 10)
+
+        await seed(gw, conversation_id, "alice")
+        listed = await gw.client.get(CONVERSATIONS, headers=gw.headers("alice"))
+        assert listed.status_code == 200, listed.text
+        assert [c["conversation_id"] for c in listed.json()["conversations"]] == [conversation_id]
+        own = await gw.client.get(f"{CONVERSATIONS}/{conversation_id}", headers=gw.headers("alice"))
+        assert own.status_code == 200, own.text
+        foreign = await gw.client.get(f"{CONVERSATIONS}/{conversation_id}", headers=gw.headers("mallory"))
+        assert foreign.status_code == 404
+
+        # The limit counts in Redis across requests: the burst of 2 is spent by the second mint.
+        assert (await mint(gw, "alice")).status_code == 200
+        limited = await mint(gw, "alice")
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["code"] == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
+        assert (await mint(gw, "bob")).status_code == 200  # another user has its own budget
+
+
+# ------------------------------------------------------------------------------------------------ failover
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One gateway answer during the failover."""
+
+    what: str
+    status: int
+    code: str | None
+    seconds: float
+
+
+async def call(
+    gw: Gateway, what: str, path: str, user: str | None = None, params: dict[str, str] | None = None
+) -> tuple[Seen, httpx.Response]:
+    """GET `path` (as `user`, if given), timing it; return what was seen and the response."""
+    headers = gw.headers(user) if user else None
+    started = time.monotonic()
+    response = await gw.client.get(path, params=params, headers=headers)
+    seconds = time.monotonic() - started
+    body = response.json()
+    code = body.get("code") if response.status_code >= 400 and isinstance(body, dict) else None
+    return Seen(what, response.status_code, code, seconds), response
+
+
+async def test_gateway_recovers_by_itself_when_the_sentinel_promotes_the_replica(
+    group: SentinelGroup, emulator_url: str, tmp_path: Path
+) -> None:
+    old_master, replica = group.master, group.replicas[0]
+    async with gateway_on(emulator_url, group, tmp_path, GENEROUS) as gw:
+        before = await mint(gw, "alice")
+        assert before.status_code == 200, before.text
+        kept = before.json()["conversation_id"]
+        await seed(gw, kept, "alice")
+        with contextlib.closing(old_master.client()) as client:
+            assert client.wait(1, 5000) == 1  # the replica has the entry before the master dies
+
+        old_master.kill()
+        killed = time.monotonic()
+        seen: list[Seen] = []
+        recovered_at: float | None = None
+        outage_readiness: list[dict[str, Any]] = []
+        while recovered_at is None:
+            assert time.monotonic() - killed < FAILOVER_DEADLINE_SECONDS, f"not recovered; saw {seen}"
+            minted_seen, minted = await call(gw, "mint", SIGNED_URL, "alice", {"agent_id": AGENT})
+            read_seen, _ = await call(gw, "read", f"{CONVERSATIONS}/{kept}", "alice")
+            token_seen, _ = await call(gw, "token", TOKEN, "alice", {"agent_id": AGENT})
+            ready_seen, ready = await call(gw, "readyz", "/readyz")
+            seen += [minted_seen, read_seen, token_seen, ready_seen]
+            if ready.status_code == 503:
+                outage_readiness.append(ready.json()["checks"]["redis"])
+            if minted.status_code == read_seen.status == ready.status_code == 200:
+                recovered_at = time.monotonic()
+                new_conversation = minted.json()["conversation_id"]
+            else:
+                await asyncio.sleep(POLL_SECONDS)  # the pace of the polling, leaving the CPU to the sentinel
+
+        # The sentinel promoted the replica, and the gateway writes there now, without a restart.
+        assert group.wait_for_failover(away_from=old_master) is replica
+        assert ledger_owner(replica, new_conversation) == "alice"
+        assert ledger_owner(replica, kept) == "alice"  # written before the failover, still granted
+        # The limiter returns to Redis too (after its circuit's cooldown): a new user's state appears there.
+        key = "rl:{user:carol}:user-session"
+        deadline = time.monotonic() + FAILOVER_DEADLINE_SECONDS
+        while not has_key(replica, key):
+            assert time.monotonic() < deadline, "the rate limiter never wrote to the new master"
+            assert (await mint(gw, "carol")).status_code == 200
+            await asyncio.sleep(POLL_SECONDS)
+        foreign = await gw.client.get(f"{CONVERSATIONS}/{kept}", headers=gw.headers("mallory"))
+        assert foreign.status_code == 404
+
+    # During the outage: never a 500, nothing hung, and only the documented answers.
+    allowed: dict[str, set[tuple[int, str | None]]] = {
+        "mint": {(200, None), (503, "ledger_unavailable")},
+        "read": {(200, None), (503, "ledger_unavailable")},
+        "token": {(200, None)},  # RATE_LIMIT_ON_REDIS_ERROR=local keeps limiting in process
+        "readyz": {(200, None), (503, None)},
+    }
+    unexpected = [s for s in seen if (s.status, s.code) not in allowed[s.what]]
+    assert not unexpected, unexpected
+    slow = [s for s in seen if s.seconds > REQUEST_BOUND_SECONDS]
+    assert not slow, slow
+    # The outage was seen (the master was gone before the first request), and /readyz said which check failed.
+    assert {(s.status, s.code) for s in seen if s.what == "mint"} == allowed["mint"]
+    assert outage_readiness and all(check["ok"] is False for check in outage_readiness)
