@@ -10,18 +10,23 @@ breaker decides what happens when Redis is slow or gone; the ledger fails closed
 Clients connect lazily, so building one does not need a running event loop or a reachable server.
 Standalone and Sentinel clients pipeline implicitly (`service.redis_pipeline`, `REDIS_PIPELINE_LIMIT`);
 Cluster clients send commands one by one, since a batch there would have to be split per node.
+A Sentinel client asks the sentinels which server is master at most every `SENTINEL_RECHECK_SECONDS`
+(`FollowingSentinelPool`), not only when it opens a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -108,6 +113,63 @@ def create_redis(
     return client
 
 
+# How often a Sentinel client asks the sentinels which server is master (one SENTINEL MASTERS per process).
+SENTINEL_RECHECK_SECONDS = 0.5
+
+
+class FollowingSentinelPool(SentinelConnectionPool):
+    """A Sentinel master pool that re-asks the sentinels for the master and leaves a demoted one at once."""
+
+    # redis-py asks the sentinels only when it opens a connection, so after a switchover (the old master
+    # alive, a replica promoted) pooled connections kept writing to the old master until the sentinel
+    # demoted it, ~10 s later; its resync from the new master then discarded those writes (ledger entries
+    # of signed URLs already handed out). A crashed master is left at once anyway: its connections fail.
+    recheck_seconds = SENTINEL_RECHECK_SECONDS
+    _checked_at = -float("inf")
+    _recheck: asyncio.Task[None] | None = None
+
+    async def get_connection(self, *args: Any, **options: Any) -> Connection:
+        """Return a connection to the master, asking the sentinels in the background if the last answer is old."""
+        now = time.monotonic()
+        if self._recheck is None and now - self._checked_at >= self.recheck_seconds:
+            # In the background: a sentinel that is slow or gone must not hold up a command the master
+            # can serve. Connections handed out later compare against the answer (`ensure_connection`).
+            self._checked_at = now
+            self._recheck = asyncio.get_running_loop().create_task(self._ask_sentinels())
+        # Passed on as given: redis-py warns (deprecated) when a command name or keys are passed at all.
+        connection: Connection = await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
+        return connection
+
+    async def _ask_sentinels(self) -> None:
+        try:
+            # Sets master_address and closes the idle connections when the master moved.
+            await self.get_master_address()  # type: ignore[no-untyped-call]
+        except REDIS_ERRORS:
+            pass  # no master known right now: connecting asks again and fails its command if need be
+        finally:
+            self._recheck = None
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        """Connect `connection`, first closing it if it is still open to a server no longer master."""
+        # Connections in use while the master moved come back to the pool still open to the old one.
+        address = (getattr(connection, "host", None), getattr(connection, "port", None))
+        if (
+            connection.is_connected
+            and self.master_address is not None
+            and address != tuple(self.master_address)
+        ):
+            await connection.disconnect()
+        await super().ensure_connection(connection)
+
+    async def stop_rechecking(self) -> None:
+        """Cancel a sentinel query in flight (the client is closing)."""
+        task = self._recheck
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
     # Credentials and the database of the master come from REDIS_URL when one is given alongside.
     master_kwargs: dict[str, Any] = {**_DECODING, **_timeouts(timeout, client_class)}
@@ -124,7 +186,10 @@ def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type
             master_kwargs["ssl"] = True
     sentinel = Sentinel(list(topology.sentinels), sentinel_kwargs=_timeouts(timeout))  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
-        topology.sentinel_service or "mymaster", redis_class=client_class, **master_kwargs
+        topology.sentinel_service or "mymaster",
+        redis_class=client_class,
+        connection_pool_class=FollowingSentinelPool,
+        **master_kwargs,
     )
     setattr(client, _SENTINEL_ATTR, sentinel)
     return client
@@ -133,6 +198,9 @@ def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type
 async def close_redis(client: Any) -> None:
     """Close a client built by `create_redis`, its connection pool and any Sentinel connections."""
     try:
+        pool = getattr(client, "connection_pool", None)
+        if isinstance(pool, FollowingSentinelPool):
+            await pool.stop_rechecking()
         if isinstance(client, RedisCluster):
             # RedisCluster.aclose closes nothing while a topology refresh is pending, i.e. after any
             # connection error or timeout: every node's sockets would be left open.

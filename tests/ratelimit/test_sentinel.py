@@ -23,7 +23,13 @@ import pytest
 from service.ledger import decode_entry, ledger_key
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import Gateway, run_gateway
-from tests.support.servers import RedisServer, SentinelGroup, sentinel_group, wait_for
+from tests.support.servers import (
+    RedisServer,
+    SentinelGroup,
+    replication_info,
+    sentinel_group,
+    wait_for,
+)
 
 SERVICE = "gwmaster"
 SIGNED_URL = "/v1/convai/conversation/get-signed-url"
@@ -237,3 +243,29 @@ async def test_gateway_recovers_by_itself_when_the_sentinel_promotes_the_replica
     # The outage was seen (the master was gone before the first request), and /readyz said which check failed.
     assert {(s.status, s.code) for s in seen if s.what == "mint"} == allowed["mint"]
     assert outage_readiness and all(check["ok"] is False for check in outage_readiness)
+
+
+async def test_gateway_follows_a_switchover_before_the_old_master_is_demoted(
+    group: SentinelGroup, emulator_url: str, tmp_path: Path
+) -> None:
+    old_master, replica = group.master, group.replicas[0]
+    async with gateway_on(emulator_url, group, tmp_path, GENEROUS) as gw:
+        for _ in range(3):  # connections to the master are pooled now
+            assert (await mint(gw, "alice")).status_code == 200
+        with contextlib.closing(group.sentinel.client()) as client:
+            assert client.sentinel_failover(SERVICE)
+        # The replica is master now and follows no one: an entry found there was written there.
+        assert group.wait_for_failover(away_from=old_master) is replica
+        # The sentinel demotes the old master only seconds later, and until then it still accepts writes,
+        # which its resync from the new master then discards: a ledger entry minted there is lost.
+        deadline = time.monotonic() + FAILOVER_DEADLINE_SECONDS
+        while True:
+            assert replication_info(old_master)["role"] == "master", (
+                "the gateway kept writing to the old master until the sentinel demoted it"
+            )
+            assert time.monotonic() < deadline, "the gateway never wrote to the new master"
+            minted = await mint(gw, "alice")
+            assert minted.status_code == 200, minted.text
+            if ledger_owner(replica, minted.json()["conversation_id"]) == "alice":
+                break
+            await asyncio.sleep(POLL_SECONDS)
