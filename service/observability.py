@@ -56,6 +56,8 @@ AUDIT_LOGGER: Final = "convai_gateway.audit"
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _REQUEST_ID_RAW: Final = REQUEST_ID_HEADER.lower().encode("latin-1")
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# The route of a request no route matched, as of one refused below the app (no route was ever chosen).
+UNMATCHED_ROUTE: Final = "unmatched"
 
 CIRCUIT_STATES: Final = ("closed", "open", "half_open")
 # Methods outside this set share one label value: the method is client-controlled and would otherwise
@@ -161,6 +163,13 @@ class Metrics:
         label = method.upper() if method.upper() in _KNOWN_METHODS else "OTHER"
         self._child(self.http_requests, label, route, str(status)).inc()
         self._child(self.http_duration, label, route).observe(max(0.0, seconds))
+
+    def count_refused_request(self, method: str, status: int) -> None:
+        """Count one request the HTTP layer refused below the app (408, 431, 400) under the route `unmatched`."""
+        # Counted, not timed: a 408's duration is the header deadline at the client's pace, and a slowloris
+        # burst of them would page as a slow gateway (ConvaiGatewaySlow) although no served request was slow.
+        label = method if method in _KNOWN_METHODS else "OTHER"
+        self._child(self.http_requests, label, UNMATCHED_ROUTE, str(status)).inc()
 
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         """Count one upstream call and record its latency."""
@@ -639,6 +648,36 @@ def audit(event: str, **fields: Any) -> None:
 def user_hash(user_id: str) -> str:
     """Return a short stable hash of a user id for logs (16 hex characters of SHA-256)."""
     return hashlib.sha256(b"convai-gateway/user\x00" + user_id.encode("utf-8")).hexdigest()[:16]
+
+
+def request_id_for(offered: str | None) -> str:
+    """Return `offered` when it is a valid request id (1-64 of A-Z a-z 0-9 . _ -), else a fresh one."""
+    return offered if offered is not None and _REQUEST_ID_RE.fullmatch(offered) else uuid.uuid4().hex
+
+
+def record_refused_request(
+    metrics: Metrics | None,
+    *,
+    method: str,
+    status: int,
+    request_id: str,
+    seconds: float | None,
+    client_ip: str | None,
+) -> None:
+    """Count a request refused below the app and write its access-log line, shaped like every request's."""
+    if metrics is not None:
+        metrics.count_refused_request(method, status)
+    fields: dict[str, Any] = {
+        "method": method if method in _KNOWN_METHODS else "OTHER",
+        "route": UNMATCHED_ROUTE,
+        "status": status,
+    }
+    if seconds is not None:
+        fields["duration_ms"] = round(max(0.0, seconds) * 1000, 3)
+    # No user: no request reached authentication. The client is the socket peer: resolving it through
+    # TRUSTED_PROXIES would trust X-Forwarded-For lines of a header block that was cut short or never ended.
+    fields |= {"request_id": request_id, "user": None, "client_ip": client_ip}
+    logging.getLogger(ACCESS_LOGGER).info("request", extra=fields)
 
 
 def current_request_id() -> str | None:

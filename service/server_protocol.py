@@ -13,23 +13,27 @@ process within the deadline. A request line and headers over `MAX_HEADER_BYTES`,
 header lines, or a request target over `MAX_TARGET_BYTES`, get `431 Request Header Fields Too Large` and the
 connection is closed (nginx's defaults are smaller: 4 x 8 KiB; a bearer token here is at most 8 KiB). Bytes httptools
 cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text.
+
+Each refusal is visible as every response is: an access-log line in the app's shape (route `unmatched`) naming the
+`X-Request-ID` it carries, and a count in the process's request metrics (reached through the app's lifespan state,
+which uvicorn hands every connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
-import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import problem_response
 from service.http_hygiene import security_header_pairs
+from service.observability import REQUEST_ID_HEADER, record_refused_request, request_id_for
 from service.settings import load_settings
-
-logger = logging.getLogger("service.server")
+from service.state import Services
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 100
@@ -40,16 +44,34 @@ MAX_TARGET_BYTES = 65535
 _HEADER_LINE_OVERHEAD = 4
 
 
-def connection_refusal(status: int, code: str, title: str, detail: str) -> bytes:
+def connection_refusal(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    request_id: str,
+) -> bytes:
     """Return a whole HTTP/1.1 problem response that closes the connection, for answers below the app."""
     # The same problem body, request id and security headers as the app's own errors: a client or a log
     # pipeline never meets a second error format.
     response = problem_response(
-        status, code, title, detail, headers={"Connection": "close", "X-Request-ID": uuid.uuid4().hex}
+        status, code, title, detail, headers={"Connection": "close", REQUEST_ID_HEADER: request_id}
     )
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode("ascii")]
     head += [name + b": " + value for name, value in (*response.raw_headers, *security_header_pairs())]
     return b"\r\n".join(head) + b"\r\n\r\n" + bytes(response.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A response written below the app, with what its access-log line and metrics record."""
+
+    response: bytes
+    status: int
+    method: str  # as the parser read it, or OTHER before the request line was read
+    request_id: str
+    started: float | None  # loop time the refused request's header block began, when known
 
 
 @functools.cache
@@ -71,7 +93,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _header_bytes = 0
     _header_count = 0
     _parsed_header_bytes = 0  # request line and header lines as parsed: exact
-    _refusal: bytes | None = None  # a 408 or 431 held back until the response in progress ends
+    _refusal: Refusal | None = None  # a refusal held back until the response in progress ends
 
     def _unsupported_upgrade_warning(self) -> None:
         # `serve` runs without WebSocket support, so an upgrade request is answered as the plain request it
@@ -125,7 +147,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         """Stop the header clock, then hand the request to the app (or refuse too many headers)."""
-        self._cancel_header_deadline()
         self._in_header_block = False
         self._header_bytes = 0
         if (
@@ -133,8 +154,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             or self._parsed_header_bytes > MAX_HEADER_BYTES
             or len(self.url) > MAX_TARGET_BYTES
         ):
-            self._refuse_headers()
+            self._refuse_headers()  # stops the clock once it has read when the block began
             return
+        self._cancel_header_deadline()
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -142,7 +164,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._in_header_block = True
         super().on_response_complete()
         if self._refusal is not None:
-            self._refuse(self._refusal)
+            self._send_refusal(self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the header clock with the connection."""
@@ -161,33 +183,70 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         """Answer a request httptools cannot parse with a 400 problem and close (uvicorn's is plain text)."""
         # Like a 408 or 431, it waits for a response still being sent to a request pipelined before it:
         # written at once, it cut that response off, or came before it.
-        self._refuse(
-            connection_refusal(400, "bad_request", "Bad request", "the request is not valid HTTP/1.1")
-        )
+        self._refuse(400, "bad_request", "Bad request", "the request is not valid HTTP/1.1")
 
     def _refuse_headers(self) -> None:
-        logger.info("closing a connection whose request headers were too large (431)")
         detail = (
             f"request line and headers must fit in {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} lines,"
             f" the request target in {MAX_TARGET_BYTES} bytes"
         )
-        self._refuse(
-            connection_refusal(431, "request_headers_too_large", "Request header fields too large", detail)
-        )
+        self._refuse(431, "request_headers_too_large", "Request header fields too large", detail)
 
     def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        logger.info("closing a connection whose request headers did not arrive in time (408)")
         detail = f"the request headers were not received within {configured_header_timeout():g} s"
-        self._refuse(connection_refusal(408, "request_timeout", "Request timeout", detail))
+        self._refuse(408, "request_timeout", "Request timeout", detail)
 
-    def _refuse(self, response: bytes) -> None:
+    def _refuse(self, status: int, code: str, title: str, detail: str) -> None:
+        # Everything here runs only for a refusal: a request served normally pays for none of it.
+        deadline = self._header_deadline
+        started = None if deadline is None else deadline.when() - configured_header_timeout()
         self._cancel_header_deadline()
         if self.transport.is_closing():
             return
+        request_id = request_id_for(_first_value(self._received_headers(), b"x-request-id"))
+        response = connection_refusal(status, code, title, detail, request_id=request_id)
+        refusal = Refusal(response, status, self._received_method(), request_id, started)
         if self.cycle is not None and not self.cycle.response_complete:
             # Pipelined behind a response still being sent: refuse once it has ended, read nothing more.
-            self._refusal = response
+            self._refusal = refusal
             return
-        self.transport.write(response)
+        self._send_refusal(refusal)
+
+    def _send_refusal(self, refusal: Refusal) -> None:
+        if self.transport.is_closing():
+            return
+        services = self.app_state.get("services")
+        # Logged and counted before the bytes leave, so a client holding the refusal finds its line and count.
+        record_refused_request(
+            services.metrics if isinstance(services, Services) else None,
+            method=refusal.method,
+            status=refusal.status,
+            request_id=refusal.request_id,
+            seconds=None if refusal.started is None else self.loop.time() - refusal.started,
+            client_ip=self.client[0] if self.client else None,
+        )
+        self.transport.write(refusal.response)
         self.transport.close()
+
+    def _received_headers(self) -> list[tuple[bytes, bytes]]:
+        # uvicorn starts a scope without a method at a request's first byte and adds the method once its headers
+        # are complete: while it has none, `headers` holds the refused request's header lines read so far (never
+        # the one cut off). Between requests, scope and headers are still the previous request's; before a first
+        # request scope is None, although uvicorn's type says it never is.
+        scope: Mapping[str, object] | None = self.scope
+        if scope is None or "method" in scope:
+            return []
+        return self.headers
+
+    def _received_method(self) -> str:
+        # The parser knows the method once the request target begins, which on_url counts; before that it still
+        # holds the previous request's method, or none.
+        scope: Mapping[str, object] | None = self.scope
+        if scope is None or "method" in scope or self._parsed_header_bytes == 0:
+            return "OTHER"
+        return bytes(self.parser.get_method()).decode("ascii", "replace")
+
+
+def _first_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    # The first line of a header, as Starlette's Headers.get reads it for the app.
+    return next((value.decode("latin-1") for key, value in headers if key == name), None)

@@ -313,6 +313,122 @@ def assert_connection_problem(answer: bytes, code: str) -> None:
     assert json.loads(body)["code"] == code
 
 
+# A value no log line may ever show: it stands for a token or any other header value of the refused request.
+OPAQUE = "opaque-" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request refused below the app, and what its access-log line must say."""
+
+    request: bytes
+    status: int
+    method: str
+
+
+REFUSED = {
+    # Sent in reads until the block passes the limit (counted per read).
+    "431-streamed": Refused(
+        b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer %s\r\nX-Pad: " % OPAQUE.encode()
+        + b"a" * (MAX_HEADER_BYTES + 1024),
+        431,
+        "GET",
+    ),
+    # Complete, with too many header lines (refused once the headers end).
+    "431-header-lines": Refused(
+        b"POST /v1/convai/conversations/c/feedback HTTP/1.1\r\nAuthorization: Bearer %s\r\n" % OPAQUE.encode()
+        + b"X-H: v\r\n" * (MAX_HEADER_COUNT + 1)
+        + b"\r\n",
+        431,
+        "POST",
+    ),
+    "400-header-line": Refused(
+        b"GET /healthz HTTP/1.1\r\nAuthorization: Bearer %s\r\nHost gateway\r\n\r\n" % OPAQUE.encode(),
+        400,
+        "GET",
+    ),
+    "400-request-line": Refused(b"%s /healthz HTTP/1.1\r\n\r\n" % OPAQUE.encode(), 400, "OTHER"),
+    "408-headers": Refused(
+        b"DELETE /v1/convai/conversations/c HTTP/1.1\r\nAuthorization: Bearer %s\r\nX-Slow: "
+        % OPAQUE.encode(),
+        408,
+        "DELETE",
+    ),
+    "408-nothing": Refused(b"", 408, "OTHER"),
+}
+
+
+def _refusals_counted(served: Served, status: int) -> float:
+    """Return convai_gateway_http_requests_total{route="unmatched", status=...} summed over methods."""
+    text = httpx.get(f"{served.base}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "convai_gateway_http_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels["route"] == "unmatched"
+        and sample.labels["status"] == str(status)
+    )
+
+
+def _refuse(served: Served, request: bytes) -> tuple[dict[bytes, bytes], bytes]:
+    """Send `request` on a fresh connection; return the refusal's headers (lower-case names) and whole answer."""
+    with _connect(served) as sock:
+        sock.sendall(request)
+        answer = _read_until_closed(sock)
+    head = answer.partition(b"\r\n\r\n")[0]
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    }
+    return headers, answer
+
+
+def _access_lines(served: Served, request_id: str) -> list[dict[str, Any]]:
+    """Return the access-log lines written so far that carry `request_id`."""
+    # A refusal's line is written before its bytes: once the client has read them, the line is in the file.
+    lines = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+    return [
+        line
+        for line in lines
+        if line["logger"] == "convai_gateway.access" and line.get("request_id") == request_id
+    ]
+
+
+@pytest.mark.parametrize("case", REFUSED.values(), ids=REFUSED.keys())
+def test_refusals_below_the_app_are_logged_and_counted_like_requests(served: Served, case: Refused) -> None:
+    before = _refusals_counted(served, case.status)
+    headers, answer = _refuse(served, case.request)
+    assert answer.startswith(b"HTTP/1.1 %d " % case.status), answer[:100]
+    request_id = headers[b"x-request-id"].decode()
+    [line] = _access_lines(served, request_id)
+    assert line["msg"] == "request"
+    assert line["method"] == case.method
+    assert line["route"] == "unmatched"
+    assert line["status"] == case.status
+    assert line["client_ip"] == "127.0.0.1"
+    assert line["user"] is None
+    if case.status == 408:
+        assert line["duration_ms"] >= 1000  # REQUEST_HEADER_TIMEOUT_SECONDS=1
+    else:
+        assert 0 <= line["duration_ms"] < 1000
+    assert _refusals_counted(served, case.status) == before + 1
+    assert OPAQUE not in served.log_path.read_text()
+
+
+def test_refusal_keeps_an_offered_request_id_and_replaces_an_invalid_one(served: Served) -> None:
+    pad = b"X-Pad: " + b"a" * (MAX_HEADER_BYTES + 1024)
+    kept, _ = _refuse(served, b"GET /healthz HTTP/1.1\r\nX-Request-ID: trace-42.a_b\r\n" + pad)
+    invalid = b"GET /healthz HTTP/1.1\r\nX-Request-ID: %s/not valid\r\n" % OPAQUE.encode()
+    replaced, _ = _refuse(served, invalid + pad)
+    assert kept[b"x-request-id"] == b"trace-42.a_b"
+    assert len(_access_lines(served, "trace-42.a_b")) == 1
+    assert len(replaced[b"x-request-id"]) == 32
+    assert len(_access_lines(served, replaced[b"x-request-id"].decode())) == 1
+    assert OPAQUE not in served.log_path.read_text()
+
+
 def test_too_many_header_lines_get_431(served: Served) -> None:
     lines = b"".join(b"X-H%d: v\r\n" % index for index in range(MAX_HEADER_COUNT + 1))
     with _connect(served) as sock:

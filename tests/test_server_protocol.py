@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from service.server_protocol import MAX_HEADER_BYTES, HeaderDeadlineProtocol, configured_header_timeout
+from tests.observability.support import AccessLogWaiter, access_log_records
 from tests.support.servers import serve
 
 
@@ -47,6 +48,18 @@ def held_response_app(release: threading.Event) -> Starlette:
     return Starlette(routes=[Route("/held", held)])
 
 
+def assert_logged_once(waiter: AccessLogWaiter, refusal: bytes, status: int, method: str) -> None:
+    """Check that `refusal` has exactly one access record, carrying its request id, status and method."""
+    [request_id] = [
+        line.split(b":", 1)[1].strip().decode()
+        for line in refusal.partition(b"\r\n\r\n")[0].split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    ]
+    [record] = [record for record in waiter.records if getattr(record, "request_id", None) == request_id]
+    assert (getattr(record, "route", None), getattr(record, "status", None)) == ("unmatched", status)
+    assert getattr(record, "method", None) == method
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Return everything received until the server closes the connection."""
     received = b""
@@ -67,7 +80,11 @@ def test_refusal_of_a_pipelined_request_waits_for_the_response_in_progress(
     header_timeout: None, pipelined: bytes, status: bytes
 ) -> None:
     release = threading.Event()
-    with serve(held_response_app(release), lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server:
+    app = held_response_app(release)
+    with (
+        access_log_records() as waiter,
+        serve(app, lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server,
+    ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\n" + pipelined)
             first = sock.recv(65536)
@@ -78,11 +95,14 @@ def test_refusal_of_a_pipelined_request_waits_for_the_response_in_progress(
                 with pytest.raises(TimeoutError):
                     sock.recv(65536)
                 sock.settimeout(10)
+            # Held back, the refusal is not logged yet: its line comes with its bytes, once.
+            assert waiter.records == []
             release.set()
             rest = read_until_closed(sock)
     response, _, refusal = (first + rest).partition(b"0\r\n\r\n")  # the end of the chunked 200
     assert response.endswith(b"1\r\nb\r\n"), response
     assert refusal.startswith(b"HTTP/1.1 " + status + b" "), refusal[:80]
+    assert_logged_once(waiter, refusal, int(status), "GET")
 
 
 def test_an_unparsable_pipelined_request_is_refused_after_the_response_in_progress(
@@ -90,7 +110,11 @@ def test_an_unparsable_pipelined_request_is_refused_after_the_response_in_progre
 ) -> None:
     # Its 400 was written at once: before the valid request's response, which was then never sent.
     release = threading.Event()
-    with serve(held_response_app(release), lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server:
+    app = held_response_app(release)
+    with (
+        access_log_records() as waiter,
+        serve(app, lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server,
+    ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\nGARBAGE\r\n\r\n")
             first = sock.recv(65536)
@@ -101,3 +125,4 @@ def test_an_unparsable_pipelined_request_is_refused_after_the_response_in_progre
     assert response.endswith(b"1\r\nb\r\n"), response
     assert refusal.startswith(b"HTTP/1.1 400 "), refusal[:80]
     assert b"application/problem+json" in refusal
+    assert_logged_once(waiter, refusal, 400, "OTHER")  # the request line never got as far as a method

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +20,7 @@ from starlette.routing import Route
 
 from service.errors import EXCEPTION_HANDLERS, NotFound, UnhandledErrorMiddleware
 from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
-from service.observability import Metrics, RequestContextMiddleware, metrics_endpoint
+from service.observability import ACCESS_LOGGER, Metrics, RequestContextMiddleware, metrics_endpoint
 
 
 class FakeClock:
@@ -134,3 +137,39 @@ def build_app(
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+
+
+class AccessLogWaiter(logging.Handler):
+    """Collect access records from any thread and signal when one arrives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.arrived = threading.Event()
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.records.append(record)
+            self._changed.notify_all()
+        self.arrived.set()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until `count` records have arrived."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.records) >= count, timeout)
+
+
+@contextlib.contextmanager
+def access_log_records() -> Iterator[AccessLogWaiter]:
+    """Collect the access logger's records (at INFO) for the duration of the block."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    waiter = AccessLogWaiter()
+    previous_level = logger.level
+    logger.addHandler(waiter)
+    logger.setLevel(logging.INFO)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)
+        logger.setLevel(previous_level)

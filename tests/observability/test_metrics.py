@@ -113,6 +113,19 @@ async def test_unhandled_error_is_counted_as_500() -> None:
     assert value(body, "convai_gateway_http_requests_total", method="GET", route="/boom", status="500") == 1
 
 
+def test_refused_requests_are_counted_under_unmatched_without_a_duration() -> None:
+    metrics = Metrics()
+    metrics.count_refused_request("GET", 431)
+    metrics.count_refused_request("BREW", 408)
+    body, _ = metrics.render()
+    counted = "convai_gateway_http_requests_total"
+    assert value(body, counted, method="GET", route="unmatched", status="431") == 1
+    assert value(body, counted, method="OTHER", route="unmatched", status="408") == 1
+    assert b"BREW" not in body
+    # A 408 lasts as long as the header deadline: timed, a slowloris burst would read as a slow gateway.
+    assert not [s for s in samples(body) if s.name.startswith("convai_gateway_http_request_duration_seconds")]
+
+
 def test_domain_metrics_render_and_parse() -> None:
     metrics = Metrics()
     metrics.observe_upstream("get_signed_url", "ok", 0.12)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +12,7 @@ import pytest
 from starlette.types import Message
 
 from service.observability import ACCESS_LOGGER, JsonFormatter, Metrics, configure_logging, user_hash
-from tests.observability.support import Probe, build_app
+from tests.observability.support import Probe, access_log_records, build_app
 from tests.observability.test_logging import restore_logging
 from tests.support.servers import serve
 
@@ -270,42 +268,6 @@ async def test_log_lines_written_during_a_request_carry_its_id(
     access = next(line for line in lines if line["logger"] == ACCESS_LOGGER)
     assert route_line["request_id"] == "corr-123" and route_line["msg"] == "handling whoami"
     assert access["request_id"] == "corr-123"
-
-
-class _Waiter(logging.Handler):
-    """Collect access records from any thread and signal when one arrives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self.arrived = threading.Event()
-        self._changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._changed:
-            self.records.append(record)
-            self._changed.notify_all()
-        self.arrived.set()
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        """Wait until `count` records have arrived."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self.records) >= count, timeout)
-
-
-@contextlib.contextmanager
-def access_log_records() -> Iterator[_Waiter]:
-    """Collect the access logger's records (at INFO) for the duration of the block."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    waiter = _Waiter()
-    previous_level = logger.level
-    logger.addHandler(waiter)
-    logger.setLevel(logging.INFO)
-    try:
-        yield waiter
-    finally:
-        logger.removeHandler(waiter)
-        logger.setLevel(previous_level)
 
 
 def test_client_disconnect_mid_stream_is_logged_and_counted() -> None:
