@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from typing import Final
+from typing import Any, Final
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -119,20 +120,61 @@ class ProblemCORSMiddleware(CORSMiddleware):
 
 def cors_middleware(origins: tuple[str, ...]) -> Middleware | None:
     """Return a CORS middleware for exactly `origins`, or None when no origin is allowed."""
+    options = _cors_options(origins)
+    return None if options is None else Middleware(ProblemCORSMiddleware, **options)
+
+
+def _cors_options(origins: tuple[str, ...]) -> dict[str, Any] | None:
     if not origins:
         return None
     if "*" in origins:
         raise ValueError("CORS origins must be listed explicitly; '*' is not allowed")
-    return Middleware(
-        ProblemCORSMiddleware,
-        allow_origins=list(origins),
+    return {
+        "allow_origins": list(origins),
         # Callers authenticate with bearer tokens, never cookies: credentialed CORS is never needed.
-        allow_credentials=False,
-        allow_methods=list(CORS_METHODS),
-        allow_headers=list(CORS_REQUEST_HEADERS),
-        expose_headers=list(CORS_EXPOSED_HEADERS),
-        max_age=CORS_MAX_AGE_SECONDS,
-    )
+        "allow_credentials": False,
+        "allow_methods": list(CORS_METHODS),
+        "allow_headers": list(CORS_REQUEST_HEADERS),
+        "expose_headers": list(CORS_EXPOSED_HEADERS),
+        "max_age": CORS_MAX_AGE_SECONDS,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _cors_policy(origins: tuple[str, ...]) -> ProblemCORSMiddleware | None:
+    # The app's own middleware class and options (cors_middleware), so both apply one policy.
+    options = _cors_options(origins)
+    return None if options is None else ProblemCORSMiddleware(_no_app, **options)
+
+
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("the CORS policy of a refusal wraps no app")
+
+
+def cors_response_headers(origins: tuple[str, ...], origin: str | None) -> list[tuple[bytes, bytes]]:
+    """Return the headers the app's CORS middleware for `origins` adds to a response to a request from `origin`."""
+    # Run the app's own middleware on a bare response start, so that a response written below the app
+    # (service.server_protocol) follows exactly the app's origin policy, its Vary and its exposed headers.
+    policy = _cors_policy(origins)
+    if policy is None:
+        return []
+    sent: list[Message] = []
+
+    async def keep(message: Message) -> None:
+        sent.append(message)
+
+    request_headers = Headers(raw=[] if origin is None else [(b"origin", origin.encode("latin-1"))])
+    start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+    step = policy.send(start, send=keep, request_headers=request_headers)
+    try:
+        # Neither the middleware's send nor `keep` waits for anything: the first step runs it to its end.
+        step.send(None)
+    except StopIteration:
+        return [(bytes(name), bytes(value)) for name, value in sent[0]["headers"]]
+    # It waited (a Starlette that changed its middleware): no CORS headers, as for an origin not allowed;
+    # tests/test_serve.py compares a refusal's CORS headers with the app's and would fail.
+    step.close()
+    return []
 
 
 class _BodyTooLarge(PayloadTooLarge):

@@ -15,8 +15,8 @@ connection is closed (nginx's defaults are smaller: 4 x 8 KiB; a bearer token he
 cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text.
 
 Each refusal is visible as every response is: an access-log line in the app's shape (route `unmatched`) naming the
-`X-Request-ID` it carries, and a count in the process's request metrics (reached through the app's lifespan state,
-which uvicorn hands every connection).
+`X-Request-ID` it carries, a count in the process's request metrics (reached through the app's lifespan state, which
+uvicorn hands every connection), and the app's CORS headers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from http import HTTPStatus
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import problem_response
-from service.http_hygiene import security_header_pairs
+from service.http_hygiene import cors_response_headers, security_header_pairs
 from service.observability import REQUEST_ID_HEADER, record_refused_request, request_id_for
 from service.settings import load_settings
 from service.state import Services
@@ -51,6 +51,7 @@ def connection_refusal(
     detail: str,
     *,
     request_id: str,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """Return a whole HTTP/1.1 problem response that closes the connection, for answers below the app."""
     # The same problem body, request id and security headers as the app's own errors: a client or a log
@@ -58,8 +59,9 @@ def connection_refusal(
     response = problem_response(
         status, code, title, detail, headers={"Connection": "close", REQUEST_ID_HEADER: request_id}
     )
+    pairs = (*response.raw_headers, *security_header_pairs(), *extra_headers)
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode("ascii")]
-    head += [name + b": " + value for name, value in (*response.raw_headers, *security_header_pairs())]
+    head += [name + b": " + value for name, value in pairs]
     return b"\r\n".join(head) + b"\r\n\r\n" + bytes(response.body)
 
 
@@ -203,8 +205,16 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         if self.transport.is_closing():
             return
-        request_id = request_id_for(_first_value(self._received_headers(), b"x-request-id"))
-        response = connection_refusal(status, code, title, detail, request_id=request_id)
+        services = self.app_state.get("services")
+        headers = self._received_headers()
+        request_id = request_id_for(_first_value(headers, b"x-request-id"))
+        cors: list[tuple[bytes, bytes]] = []
+        if isinstance(services, Services):
+            # A browser reads a refusal (say, the 431 of an oversized token) only under the app's CORS policy.
+            cors = cors_response_headers(
+                services.settings.cors_allowed_origins, _first_value(headers, b"origin")
+            )
+        response = connection_refusal(status, code, title, detail, request_id=request_id, extra_headers=cors)
         refusal = Refusal(response, status, self._received_method(), request_id, started)
         if self.cycle is not None and not self.cycle.response_complete:
             # Pipelined behind a response still being sent: refuse once it has ended, read nothing more.

@@ -26,6 +26,8 @@ from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import TEST_JWT_SECRET, gateway_env
 from tests.support.servers import free_port
 
+ALLOWED_ORIGIN = "https://app.example"
+
 
 @dataclass
 class Served:
@@ -67,7 +69,12 @@ def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served
             if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_", "PROMETHEUS_"))
         },
         **gateway_env(
-            emulator_url, EMULATOR_API_KEY, redis_url, LOG_LEVEL="INFO", REQUEST_HEADER_TIMEOUT_SECONDS="1"
+            emulator_url,
+            EMULATOR_API_KEY,
+            redis_url,
+            LOG_LEVEL="INFO",
+            REQUEST_HEADER_TIMEOUT_SECONDS="1",
+            CORS_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
         ),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
@@ -427,6 +434,38 @@ def test_refusal_keeps_an_offered_request_id_and_replaces_an_invalid_one(served:
     assert len(replaced[b"x-request-id"]) == 32
     assert len(_access_lines(served, replaced[b"x-request-id"].decode())) == 1
     assert OPAQUE not in served.log_path.read_text()
+
+
+def _cors(headers: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.startswith(b"access-control-") or name == b"vary"
+    }
+
+
+@pytest.mark.parametrize(
+    "origin", [ALLOWED_ORIGIN, "https://evil.example", None], ids=["allowed", "other", "none"]
+)
+def test_a_refusal_carries_the_cors_headers_the_app_gives_the_same_origin(
+    served: Served, origin: str | None
+) -> None:
+    # A browser script that sent an oversized token reads its 431 (and the request id) instead of a network
+    # error, under exactly the app's origin policy.
+    origin_line = b"" if origin is None else b"Origin: %s\r\n" % origin.encode()
+    app_answer = httpx.get(f"{served.base}/nowhere", headers={} if origin is None else {"Origin": origin})
+    app_headers = {name.encode(): value.encode() for name, value in app_answer.headers.items()}
+    refused, answer = _refuse(
+        served,
+        b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\n" + origin_line + b"X-Pad: " + b"a" * MAX_HEADER_BYTES,
+    )
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert _cors(refused) == _cors(app_headers)
+    if origin == ALLOWED_ORIGIN:
+        assert refused[b"access-control-allow-origin"] == ALLOWED_ORIGIN.encode()
+        assert b"x-request-id" in refused[b"access-control-expose-headers"].lower()
+    else:
+        assert b"access-control-allow-origin" not in refused
 
 
 def test_too_many_header_lines_get_431(served: Served) -> None:

@@ -9,7 +9,12 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from service.http_hygiene import BodyLimitMiddleware, LoopbackHostMiddleware, cors_middleware
+from service.http_hygiene import (
+    BodyLimitMiddleware,
+    LoopbackHostMiddleware,
+    cors_middleware,
+    cors_response_headers,
+)
 from service.observability import Metrics
 from tests.observability.support import Probe, build_app
 from tests.support.servers import serve
@@ -78,6 +83,19 @@ def test_cors_middleware_is_absent_without_origins_and_refuses_wildcard() -> Non
     assert cors_middleware(()) is None
     with pytest.raises(ValueError, match="explicitly"):
         cors_middleware(("*",))
+
+
+@pytest.mark.parametrize("origin", [ALLOWED, OTHER, None], ids=["allowed", "other", "none"])
+async def test_cors_headers_for_a_response_below_the_app_are_the_apps(origin: str | None) -> None:
+    async with client(build_app(Metrics(), origins=(ALLOWED,))) as http:
+        response = await http.get("/nowhere", headers={} if origin is None else {"Origin": origin})
+    from_app = [
+        (name, value)
+        for name, value in response.headers.raw
+        if name.startswith(b"access-control-") or name == b"vary"
+    ]
+    assert sorted(cors_response_headers((ALLOWED,), origin)) == sorted(from_app)
+    assert cors_response_headers((), origin) == []  # no CORS_ALLOWED_ORIGINS, no CORS middleware
 
 
 def preflight(origin: str, method: str = "GET", headers: str = "authorization") -> dict[str, str]:
