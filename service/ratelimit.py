@@ -21,8 +21,14 @@ and each group runs the same script (reserve: evaluate the group, commit it if i
 concurrently and, if any group rejects, the groups that committed are refunded by a second script
 (TAT -= T per committed key). Each group is atomic, so no policy ever admits more than its limit; the
 only imprecision is the conservative one: during the refund round trip a concurrent request may be
-rejected by a reservation that is then returned. Retagging both keys with one subject would be wrong:
-the per-agent budget is global across users, so its key must not depend on the user.
+rejected by a reservation that is then returned. If a group fails instead (a Redis error or timeout), every
+group still runs to its end, the ones that committed are refunded best effort (a failed refund is logged),
+and the group's error is raised for the breaker below: a partial Cluster outage must not charge users for
+requests Redis did not admit. A group that timed out may still have run; it is not refunded, since
+returning a unit that was never taken could exceed the limit. A cancelled request (client gone, deadline)
+stops at once, like a standalone one whose script already ran: what committed stays committed. Retagging
+both keys with one subject would be wrong: the per-agent budget is global across users, so its key must
+not depend on the user.
 
 Redis failure (`ResilientRateLimiter`): Redis errors and timeouts (short socket timeouts, no retries, see
 `service.redis_client`) feed a `CircuitBreaker`; while it is open Redis is not called, and after a
@@ -492,22 +498,63 @@ class RedisRateLimiter:
         for hit in hits:
             groups.setdefault(key_slot(state_key(hit).encode()), []).append(hit)
         ordered = list(groups.values())
-        outcomes = await asyncio.gather(*(self._acquire_group(group, now) for group in ordered))
-        results = [result for _, group_results in outcomes for result in group_results]
+        # Every group runs to its end even when another fails: only then is it known which groups committed
+        # and must be refunded. Each command is bounded by the client's Redis budget, so this waits no longer.
+        outcomes = await asyncio.gather(
+            *(self._acquire_group(group, now) for group in ordered), return_exceptions=True
+        )
+        failure: Exception | None = None
+        committed: list[list[Hit]] = []
+        for outcome, group in zip(outcomes, ordered, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # cancellation (client gone, deadline) or an interrupt: stop, as gather would
+                if failure is None:
+                    failure = outcome
+            elif outcome[0]:
+                # Only keys the reserve step wrote: enforced or shadow policies that admitted the request.
+                reserved = [hit for hit, result in zip(group, outcome[1], strict=True) if result.allowed]
+                if reserved:
+                    committed.append(reserved)
+        if failure is not None:
+            # The request is not admitted through Redis (the fallback or a 503 decides it): the slots that
+            # committed get their reservations back, or a partial outage would drain budgets. Best effort:
+            # the slot's error, not a refund's, goes on to the breaker and RATE_LIMIT_ON_REDIS_ERROR.
+            refund_errors = await self._refund_all(committed, now)
+            if refund_errors:
+                logger.warning(
+                    "rate limiter: %d of %d reservations not returned after a Redis error (%s; refund: %s)",
+                    len(refund_errors),
+                    len(committed),
+                    type(failure).__name__,
+                    type(refund_errors[0]).__name__,
+                )
+            raise failure
+        results = [
+            result for outcome in outcomes if not isinstance(outcome, BaseException) for result in outcome[1]
+        ]
         decision = _combine(results)
         if not decision.allowed:
             # Return the reservations of the slot groups that committed (see the module docstring).
-            await asyncio.gather(
-                *(
-                    self._refund([hit for hit, r in zip(group, group_results, strict=True) if r.allowed], now)
-                    for (committed, group_results), group in zip(outcomes, ordered, strict=True)
-                    if committed
-                )
-            )
+            refund_errors = await self._refund_all(committed, now)
+            if refund_errors:
+                raise refund_errors[0]
         return decision
 
+    async def _refund_all(self, committed: Sequence[Sequence[Hit]], now: str) -> list[Exception]:
+        # Concurrently, one script per slot group; every refund is tried, and their errors are returned.
+        outcomes = await asyncio.gather(
+            *(self._refund(hits, now) for hits in committed), return_exceptions=True
+        )
+        errors = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                errors.append(outcome)
+        return errors
+
     async def _refund(self, hits: Sequence[Hit], now: str) -> None:
-        # Only keys the reserve step wrote: enforced or shadow policies that admitted the request.
         keys = [state_key(hit) for hit in hits]
         args = [now, *(repr(interval_us(hit.policy)) for hit in hits)]
         await self._run(self._refund_sha, REFUND_SCRIPT, keys, args)

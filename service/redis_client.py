@@ -5,7 +5,8 @@ never retries a timeout: redis-py's default
 retries a timed-out command three times with back-off, which would turn a 100 ms budget into seconds.
 A connection error gets one immediate retry on a fresh connection (see `_retry_policy`). A Cluster client
 also bounds each command as a whole by the timeout (`BudgetedRedisCluster`): redis-py waits on its own after
-some replies (250 ms after CLUSTERDOWN), where no socket timeout applies. The rate limiter's circuit
+some replies (250 ms after CLUSTERDOWN), where no socket timeout applies, and reads the topology again before
+routing a command once redis-py has dropped it. The rate limiter's circuit
 breaker decides what happens when Redis is slow or gone; the ledger fails closed.
 Clients connect lazily, so building one does not need a running event loop or a reachable server.
 Standalone and Sentinel clients pipeline implicitly (`service.redis_pipeline`, `REDIS_PIPELINE_LIMIT`);
@@ -80,9 +81,18 @@ class BudgetedRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command like RedisCluster; raise TimeoutError when it outlasts `command_timeout`."""
         if self.command_timeout is None:
-            return await super().execute_command(*args, **kwargs)
+            return await self._routed(*args, **kwargs)
         async with asyncio.timeout(self.command_timeout):
-            return await super().execute_command(*args, **kwargs)
+            return await self._routed(*args, **kwargs)
+
+    async def _routed(self, *args: Any, **kwargs: Any) -> Any:
+        # After a CLUSTERDOWN redis-py drops its topology, default node included, and routes the next command
+        # before reading the topology again: without a default node it takes a keyed command for a keyless
+        # one and sends it to a random master, maybe the one that is down (a refund after a failed rate-limit
+        # check went there about once in three). Reading the topology first routes the command by its key.
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 def create_redis(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import time
@@ -15,11 +16,13 @@ import pytest
 import redis as sync_redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
-from service.ratelimit import Hit, RedisRateLimiter, state_key
+from service.ratelimit import Hit, RateLimiterUnavailable, RedisRateLimiter, interval_us, state_key
 from service.redis_client import close_redis, create_redis
-from service.settings import RedisTopology
+from service.settings import RateLimitPolicy, RedisTopology
 from tests.ratelimit.conftest import ManualClock, policy
+from tests.ratelimit.test_resilience import start_debug_sleep
 from tests.support.servers import RedisServer, free_port
 
 
@@ -309,6 +312,27 @@ def on_node(nodes: list[RedisServer], port: int, prefix: str) -> str:
     return next(f"{prefix}{n:026d}" for n in range(10_000) if owner_port(nodes, f"{prefix}{n:026d}") == port)
 
 
+def subject_on(nodes: list[RedisServer], port: int, kind: str, rate_policy: RateLimitPolicy) -> str:
+    """Return the first subject `<kind>:h5-<n>` whose key for `rate_policy` the master on `port` serves."""
+    for n in range(10_000):
+        subject = f"{kind}:h5-{n}"
+        if owner_port(nodes, state_key(Hit(rate_policy, subject))) == port:
+            return subject
+    raise AssertionError(f"no {kind} subject on port {port}")
+
+
+def flush(nodes: list[RedisServer]) -> None:
+    """Empty every master."""
+    for node in nodes:
+        with contextlib.closing(node.client()) as client:
+            client.flushall()
+
+
+def master_client(nodes: list[RedisServer], port: int) -> sync_redis.Redis:
+    """Return a plain client on the master listening on `port`."""
+    return next(n for n in nodes if n.port == port).client()
+
+
 def rejected(node: sync_redis.Redis) -> Counter[str]:
     """Return how many commands of each kind `node` refused unexecuted (CLUSTERDOWN, MOVED...)."""
     stats = node.info("commandstats")
@@ -341,6 +365,43 @@ def cluster_down_on(nodes: list[RedisServer], key: str) -> Iterator[sync_redis.R
             assert time.monotonic() < deadline, "the master never recovered"
             time.sleep(0.01)
         node.close()
+
+
+def scripts_seen(node: sync_redis.Redis) -> int:
+    """Return how many EVALSHA and EVAL commands `node` has received: executed, failed or refused."""
+    stats = node.info("commandstats")
+    return sum(
+        int(entry["calls"]) + int(entry.get("rejected_calls", 0)) + int(entry.get("failed_calls", 0))
+        for name, entry in stats.items()
+        if name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+async def test_the_first_command_after_a_cluster_down_reply_goes_to_its_keys_master(
+    cluster: RedisCluster, cluster_nodes: list[RedisServer]
+) -> None:
+    # After CLUSTERDOWN redis-py dropped its topology and routed the next command as if it had no key: to a
+    # random master, the one that is down included (a refund after a failed check went there one time in three).
+    limiter = RedisRateLimiter(cluster)
+    ports = [node.port for node in cluster_nodes]
+    generous = policy("user-history", limit=1000, period=60, burst=1000)
+    down = Hit(generous, subject_on(cluster_nodes, ports[0], "user", generous))
+    healthy = Hit(generous, subject_on(cluster_nodes, ports[1], "user", generous))
+    assert (await limiter.acquire([down])).allowed and (await limiter.acquire([healthy])).allowed
+    clients = [master_client(cluster_nodes, port) for port in ports]
+    try:
+        with cluster_down_on(cluster_nodes, state_key(down)):
+            # Six rounds: a random master would be the right one in all of them once in 729 runs.
+            for _ in range(6):
+                with pytest.raises(RateLimiterUnavailable):
+                    await asyncio.wait_for(limiter.acquire([down]), 5)
+                before = [scripts_seen(client) for client in clients]
+                assert (await asyncio.wait_for(limiter.acquire([healthy]), 5)).allowed
+                seen = [scripts_seen(client) - count for client, count in zip(clients, before, strict=True)]
+                assert seen == [0, 1, 0], seen  # the one EVALSHA went to the key's master, and only there
+    finally:
+        for client in clients:
+            client.close()
 
 
 # REDIS_TIMEOUT_MS for the tests below: twice the default, so that a loaded machine still re-reads the topology
@@ -440,3 +501,183 @@ async def test_gateway_on_a_cluster_down_master_fails_closed_within_the_budget(
                 # (none when the reconnect redis-py forces after a CLUSTERDOWN outlasts its budget).
                 assert refused.status_code == 503 and refused.json()["code"] == "ledger_unavailable"
                 assert seen["evalsha"] == 1 and set(seen) <= {"evalsha", "get"} and seen["get"] <= 1, seen
+
+
+# ---------------------------------------------------------------------------------------------- errors in one slot
+
+
+@contextlib.asynccontextmanager
+async def asleep(port: int, seconds: float) -> AsyncIterator[None]:
+    """Keep the node on `port` inside DEBUG SLEEP for the block, then wait until it answers again."""
+    sleeper = await asyncio.to_thread(start_debug_sleep, port, seconds)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(sleeper.recv, 64)  # "+OK": the node is awake
+        sleeper.close()
+
+
+@contextlib.asynccontextmanager
+async def outage(kind: str, nodes: list[RedisServer], key: str) -> AsyncIterator[None]:
+    """Make the master serving `key` fail every command: asleep (a timeout) or `CLUSTERDOWN`."""
+    if kind == "asleep":
+        async with asleep(owner_port(nodes, key), 2.0):
+            yield
+    else:
+        with cluster_down_on(nodes, key):
+            yield
+
+
+@pytest.mark.parametrize("kind", ["asleep", "cluster-down"])
+async def test_an_error_in_one_slot_refunds_the_reservation_of_the_other(
+    kind: str, cluster_nodes: list[RedisServer]
+) -> None:
+    flush(cluster_nodes)
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=BUDGET)
+    ports = [node.port for node in cluster_nodes]
+    agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
+    user = Hit(USER, subject_on(cluster_nodes, ports[1], "user", USER))  # on another master
+    healthy = master_client(cluster_nodes, ports[1])
+    try:
+        limiter = RedisRateLimiter(redis, clock=ManualClock())
+        # Topology, connections and scripts in place on both masters; the user has 1 of its 2 left.
+        assert (await limiter.acquire([user, agent])).allowed
+        before = healthy.get(state_key(user))
+        assert before is not None
+
+        async with outage(kind, cluster_nodes, state_key(agent)):
+            with pytest.raises(RateLimiterUnavailable) as failed:
+                await asyncio.wait_for(limiter.acquire([user, agent]), 5)
+            # The user's slot committed its reservation, then got it back: nothing was charged.
+            assert healthy.get(state_key(user)) == before
+        assert isinstance(failed.value.__cause__, TimeoutError | RedisError), failed.value.__cause__
+
+        # The clock has not moved: the user's second unit is still there, and only it.
+        assert (await limiter.acquire([user])).allowed
+        assert not (await limiter.acquire([user])).allowed
+    finally:
+        healthy.close()
+        await close_redis(redis)
+
+
+async def test_a_denial_and_an_error_leave_the_committed_slot_refunded(
+    cluster_nodes: list[RedisServer],
+) -> None:
+    # A route's hits span two subjects today; three slot groups exercise every combination in one request:
+    # one denies, one fails, one commits.
+    flush(cluster_nodes)
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=BUDGET)
+    ports = [node.port for node in cluster_nodes]
+    extra = policy("user-history", limit=10, period=60, burst=3)
+    agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
+    denied = Hit(USER, subject_on(cluster_nodes, ports[1], "user", USER))
+    committed = Hit(extra, subject_on(cluster_nodes, ports[2], "user", extra))
+    clients = {port: master_client(cluster_nodes, port) for port in ports}
+    try:
+        limiter = RedisRateLimiter(redis, clock=ManualClock())
+        assert (await limiter.acquire([denied, agent, committed])).allowed
+        assert (await limiter.acquire([denied])).allowed  # the denied user's burst (2) is spent
+        # Each hit's master is `ports[i]` for the hit at position i.
+        placed = list(zip([agent, denied, committed], ports, strict=True))
+        before = [clients[port].get(state_key(hit)) for hit, port in placed]
+        assert None not in before
+
+        async with asleep(ports[0], 2.0):
+            with pytest.raises(RateLimiterUnavailable):
+                await asyncio.wait_for(limiter.acquire([denied, agent, committed]), 5)
+            # The denial stored nothing and the committed slot got its reservation back.
+            assert [clients[port].get(state_key(hit)) for hit, port in placed[1:]] == before[1:]
+        # The sleeping master ran the timed-out script when it woke: an outcome the gateway could not know stays
+        # charged, since returning a unit that was never taken could admit more than the limit.
+        deadline = time.monotonic() + 5
+        while (after := clients[ports[0]].get(state_key(agent))) == before[0]:
+            assert time.monotonic() < deadline, "the timed-out script never ran"
+            await asyncio.sleep(0.01)
+        assert after is not None and before[0] is not None
+        assert float(after) == float(before[0]) + interval_us(AGENT)
+
+        # Nothing was charged in the other slots: 2 of the 3 units of `committed` are left, 0 of `denied`'s.
+        for _ in range(2):
+            assert (await limiter.acquire([committed])).allowed
+        assert not (await limiter.acquire([committed])).allowed
+        assert not (await limiter.acquire([denied])).allowed
+    finally:
+        for client in clients.values():
+            client.close()
+        await close_redis(redis)
+
+
+async def test_a_failed_refund_is_logged_and_the_original_error_raised(
+    cluster_nodes: list[RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    flush(cluster_nodes)
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    # A long budget: the test pauses the healthy master between its commit and the other slot's timeout.
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=1.0)
+    ports = [node.port for node in cluster_nodes]
+    agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
+    user = Hit(USER, subject_on(cluster_nodes, ports[1], "user", USER))
+    healthy = master_client(cluster_nodes, ports[1])
+    try:
+        limiter = RedisRateLimiter(redis, clock=ManualClock())
+        assert (await limiter.acquire([user, agent])).allowed
+        before = healthy.get(state_key(user))
+
+        caplog.set_level(logging.WARNING, logger="service.ratelimit")
+        async with asleep(ports[0], 3.0):
+            attempt = asyncio.create_task(limiter.acquire([user, agent]))
+            # Condition wait: the user's slot has committed (the agent's is asleep and times out after 1 s).
+            deadline = time.monotonic() + 0.8
+            while await asyncio.to_thread(healthy.get, state_key(user)) == before:
+                assert time.monotonic() < deadline, "the user's slot never committed"
+            # Scripts that may write wait while the master is paused: the refund times out.
+            await asyncio.to_thread(healthy.client_pause, 5000, False)
+            try:
+                with pytest.raises(RateLimiterUnavailable) as failed:
+                    await asyncio.wait_for(attempt, 5)
+            finally:
+                await asyncio.to_thread(healthy.client_unpause)
+        # The error is the agent slot's timeout, not the refund's; the refund's failure is a warning.
+        assert isinstance(failed.value.__cause__, TimeoutError | RedisError), failed.value.__cause__
+        warnings = [
+            r for r in caplog.records if r.name == "service.ratelimit" and r.levelno == logging.WARNING
+        ]
+        assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+        message = warnings[0].getMessage()
+        assert "refund" in message and user.subject not in message and agent.subject not in message, message
+        assert warnings[0].exc_info is None
+    finally:
+        healthy.close()
+        await close_redis(redis)
+
+
+async def test_a_cancelled_cross_slot_acquire_stays_cancelled(cluster_nodes: list[RedisServer]) -> None:
+    # Waiting for every slot group (to know which ones to refund) must not turn a cancellation (client gone,
+    # request deadline) into an error or a decision.
+    flush(cluster_nodes)
+    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
+    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=1.0)
+    ports = [node.port for node in cluster_nodes]
+    agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
+    user = Hit(USER, subject_on(cluster_nodes, ports[1], "user", USER))
+    healthy = master_client(cluster_nodes, ports[1])
+    try:
+        limiter = RedisRateLimiter(redis, clock=ManualClock())
+        assert (await limiter.acquire([user, agent])).allowed
+        before = healthy.get(state_key(user))
+        async with asleep(ports[0], 2.0):
+            attempt = asyncio.create_task(limiter.acquire([user, agent]))
+            # Condition wait: the user's slot has committed; the agent's waits for its sleeping master.
+            deadline = time.monotonic() + 0.8
+            while await asyncio.to_thread(healthy.get, state_key(user)) == before:
+                assert time.monotonic() < deadline, "the user's slot never committed"
+            attempt.cancel()
+            # Within the agent's 1 s budget at most: redis-py sends under Python 3.11's `wait_for`, which drops a
+            # cancellation that arrives as the send completes, and the command then ends at its deadline.
+            done, _ = await asyncio.wait({attempt}, timeout=5)
+            assert attempt in done and attempt.cancelled(), attempt
+    finally:
+        healthy.close()
+        await close_redis(redis)
