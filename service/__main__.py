@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
 import sys
@@ -96,6 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.supervisor import DrainingMultiprocess
 
     configure_logging(settings.log_level)
+    file_limit_problem = raise_open_file_limit(settings.max_connections)
+    if file_limit_problem is not None:
+        logging.getLogger("service.server").warning(file_limit_problem)
     workers = args.workers
     if (workers > 1 or settings.metrics_port) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes share one set of metrics only through prometheus-client's multiprocess files.
@@ -142,6 +146,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # SIGINT (Ctrl+C), re-raised by uvicorn as well
         server.run()
     return 0 if server.started else EXIT_STARTUP
+
+
+# Open files a gateway process needs besides its client connections: the upstream pool (200), Redis connections,
+# the metrics port's (16), JWKS fetches, multiprocess metric files and the interpreter's own.
+FILE_DESCRIPTOR_RESERVE = 512
+
+
+def raise_open_file_limit(max_connections: int) -> str | None:
+    """Raise the soft open-file limit to the hard one; return a warning if MAX_CONNECTIONS still cannot fit."""
+    # Many systems start processes at a soft limit of 1024 under a far higher hard one (Go raises it the same
+    # way at start). Past the limit, accept() fails with EMFILE: uvicorn logs an error per attempt and the
+    # client gets a reset instead of the 503 MAX_CONNECTIONS answers with.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = max_connections + FILE_DESCRIPTOR_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (
+        f"MAX_CONNECTIONS {max_connections} needs about {needed} open files, but this process may open only "
+        f"{soft}: connections beyond about {max(soft - FILE_DESCRIPTOR_RESERVE, 0)} will fail at accept; "
+        "raise the open-file limit (ulimit -n) or lower MAX_CONNECTIONS"
+    )
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

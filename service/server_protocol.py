@@ -12,7 +12,9 @@ httptools sets no limit on the size of a header block, so a client could also pu
 process within the deadline. A request line and headers over `MAX_HEADER_BYTES`, more than `MAX_HEADER_COUNT`
 header lines, or a request target over `MAX_TARGET_BYTES`, get `431 Request Header Fields Too Large` and the
 connection is closed (nginx's defaults are smaller: 4 x 8 KiB; a bearer token here is at most 8 KiB). Bytes httptools
-cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text.
+cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text. A request arriving while the process
+holds more than `MAX_CONNECTIONS` connections (idle kept-alive ones included) gets `503 too_many_connections` with
+`Retry-After: 1`, and its connection is closed: open sockets, and the memory each costs, stay bounded.
 
 Each refusal is visible as every response is: an access-log line in the app's shape (route `unmatched`) naming the
 `X-Request-ID` it carries, a count in the process's request metrics (reached through the app's lifespan state, which
@@ -32,7 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.errors import problem_response
 from service.http_hygiene import cors_response_headers, security_header_pairs
 from service.observability import REQUEST_ID_HEADER, record_refused_request, request_id_for
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from service.state import Services
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -42,6 +44,8 @@ MAX_HEADER_COUNT = 100
 MAX_TARGET_BYTES = 65535
 # Per header line, what on_header's name and value leave out: ": " and CRLF.
 _HEADER_LINE_OVERHEAD = 4
+# A connection over MAX_CONNECTIONS is refused with this: connections come and go within seconds.
+_RETRY_SOON = ((b"retry-after", b"1"),)
 
 
 def connection_refusal(
@@ -77,10 +81,20 @@ class Refusal:
 
 
 @functools.cache
-def configured_header_timeout() -> float:
-    """Return REQUEST_HEADER_TIMEOUT_SECONDS from this process's environment (read once per process)."""
+def worker_settings() -> Settings:
+    """Return this process's settings, read from its environment once."""
     # uvicorn builds this protocol inside each worker process, where only the environment carries settings.
-    return load_settings().request_header_timeout_seconds
+    return load_settings()
+
+
+def configured_header_timeout() -> float:
+    """Return REQUEST_HEADER_TIMEOUT_SECONDS of this process."""
+    return worker_settings().request_header_timeout_seconds
+
+
+def configured_max_connections() -> int:
+    """Return MAX_CONNECTIONS of this process."""
+    return worker_settings().max_connections
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -158,6 +172,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         ):
             self._refuse_headers()  # stops the clock once it has read when the block began
             return
+        if len(self.connections) > configured_max_connections():
+            self._refuse_over_capacity()
+            return
         self._cancel_header_deadline()
         super().on_headers_complete()
 
@@ -194,11 +211,27 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         )
         self._refuse(431, "request_headers_too_large", "Request header fields too large", detail)
 
+    def _refuse_over_capacity(self) -> None:
+        # Like uvicorn's limit_concurrency and nginx's limit_conn, the request is read, then answered 503 and its
+        # connection closed: the client gets an answer it can act on, and a connection over the limit costs a
+        # file descriptor only until its request's headers are in (or their deadline has passed).
+        limit = configured_max_connections()
+        detail = f"this gateway process already holds its maximum of {limit} connections; retry shortly"
+        self._refuse(503, "too_many_connections", "Too many connections", detail, extra_headers=_RETRY_SOON)
+
     def _headers_too_slow(self) -> None:
         detail = f"the request headers were not received within {configured_header_timeout():g} s"
         self._refuse(408, "request_timeout", "Request timeout", detail)
 
-    def _refuse(self, status: int, code: str, title: str, detail: str) -> None:
+    def _refuse(
+        self,
+        status: int,
+        code: str,
+        title: str,
+        detail: str,
+        *,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         # Everything here runs only for a refusal: a request served normally pays for none of it.
         deadline = self._header_deadline
         started = None if deadline is None else deadline.when() - configured_header_timeout()
@@ -214,7 +247,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             cors = cors_response_headers(
                 services.settings.cors_allowed_origins, _first_value(headers, b"origin")
             )
-        response = connection_refusal(status, code, title, detail, request_id=request_id, extra_headers=cors)
+        response = connection_refusal(
+            status, code, title, detail, request_id=request_id, extra_headers=(*cors, *extra_headers)
+        )
         refusal = Refusal(response, status, self._received_method(), request_id, started)
         if self.cycle is not None and not self.cycle.response_complete:
             # Pipelined behind a response still being sent: refuse once it has ended, read nothing more.

@@ -157,6 +157,7 @@ class Settings:
     request_body_timeout_seconds: float = 10.0
     request_header_timeout_seconds: float = 10.0
     keep_alive_timeout_seconds: int = 5
+    max_connections: int = 4096
     egress_proxy_url: Secret | None = None
     gateway_config: str | None = None
 
@@ -915,6 +916,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "REQUEST_HEADER_TIMEOUT_SECONDS", 10.0, low=0.05, high=600
         ),
         keep_alive_timeout_seconds=reader.integer("KEEP_ALIVE_TIMEOUT_SECONDS", 5, low=1, high=3600),
+        max_connections=reader.integer("MAX_CONNECTIONS", 4096, low=1, high=1_000_000),
         egress_proxy_url=_egress_proxy(reader),
         gateway_config=reader.raw("GATEWAY_CONFIG"),
     )

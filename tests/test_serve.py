@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -59,7 +60,16 @@ def wait_until_ready(base: str, process: subprocess.Popen[bytes], timeout: float
 
 @pytest.fixture
 def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served]:
-    """Yield `convai-gateway serve` running as a subprocess against the emulator and Redis."""
+    """Yield `convai-gateway serve --workers 2` running as a subprocess against the emulator and Redis."""
+    with serving(emulator_url, redis_url, tmp_path, workers=2) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(
+    emulator_url: str, redis_url: str, tmp_path: Path, *, workers: int, **extra_env: str
+) -> Iterator[Served]:
+    """Run `convai-gateway serve` with `workers` against the emulator and Redis until the block ends."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     env = {
@@ -75,6 +85,7 @@ def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served
             LOG_LEVEL="INFO",
             REQUEST_HEADER_TIMEOUT_SECONDS="1",
             CORS_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
+            **extra_env,
         ),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
@@ -89,7 +100,7 @@ def served(emulator_url: str, redis_url: str, tmp_path: Path) -> Iterator[Served
                 "--port",
                 str(port),
                 "--workers",
-                "2",
+                str(workers),
                 "--graceful-timeout",
                 "15",
             ],
@@ -367,7 +378,11 @@ REFUSED = {
 
 def _refusals_counted(served: Served, status: int) -> float:
     """Return convai_gateway_http_requests_total{route="unmatched", status=...} summed over methods."""
-    text = httpx.get(f"{served.base}/metrics").text
+    return _unmatched_count(httpx.get(f"{served.base}/metrics").text, status)
+
+
+def _unmatched_count(text: str, status: int) -> float:
+    """Return the route="unmatched" request count with `status` in a /metrics exposition `text`."""
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -515,3 +530,47 @@ def test_websocket_upgrades_are_answered_as_http_and_their_query_is_never_logged
     access = [(line["route"], line["status"]) for line in lines if line["logger"] == "convai_gateway.access"]
     assert access[-1] == ("/v1/convai/conversations", 401)
     assert [line["msg"] for line in lines if line["level"] == "WARNING"] == []
+
+
+def test_a_request_over_max_connections_gets_503_and_its_connection_closed(
+    emulator_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    # One worker, so every connection counts against the same process's limit; kept-alive connections count too.
+    with (
+        serving(
+            emulator_url, redis_url, tmp_path, workers=1, MAX_CONNECTIONS="2", KEEP_ALIVE_TIMEOUT_SECONDS="60"
+        ) as served,
+        _connect(served) as first,
+        _connect(served) as second,
+    ):
+        for held in (first, second):
+            held.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert _read_response(held).startswith(b"HTTP/1.1 200 ")
+        before = _refusals_counted_on(first, 503)
+        refused, answer = _refuse(
+            served, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nOrigin: %s\r\n\r\n" % ALLOWED_ORIGIN.encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+        assert_connection_problem(answer, "too_many_connections")
+        assert refused[b"retry-after"] == b"1"
+        assert refused[b"access-control-allow-origin"] == ALLOWED_ORIGIN.encode()
+        [line] = _access_lines(served, refused[b"x-request-id"].decode())
+        assert (line["status"], line["route"], line["method"]) == (503, "unmatched", "GET")
+        # The kept-alive connections are still served (the count is read on one), the refused one counted once.
+        assert _refusals_counted_on(first, 503) == before + 1
+        # Once a connection closes, a new one is served again.
+        second.close()
+        deadline = time.monotonic() + 10
+        while (
+            status := httpx.get(f"{served.base}/healthz").status_code
+        ) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server notices the close on its next loop turn
+        assert status == 200
+
+
+def _refusals_counted_on(sock: socket.socket, status: int) -> float:
+    """Read /metrics on a kept-alive connection (a new one could be over the limit) and count refusals."""
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    answer = _read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+    return _unmatched_count(answer.partition(b"\r\n\r\n")[2].decode(), status)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -43,16 +44,30 @@ def serve_env(emulator_url: str, redis_url: str, tmp_path: Path, **overrides: st
 class Serve:
     """A `convai-gateway serve` subprocess whose stderr goes to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        open_files: tuple[int, int] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
+
+        def limit_open_files() -> None:
+            # Runs in the child before exec: as a system that starts services at a low open-file limit would.
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--port", str(self.port), *args],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
+            preexec_fn=limit_open_files,
         )
 
     def log_lines(self) -> list[dict[str, Any]]:
@@ -341,3 +356,31 @@ def test_the_image_healthcheck_reaches_serve_on_the_address_it_listens_on(
 )
 def test_the_healthcheck_probes_a_wildcard_bind_over_loopback_of_its_family(host: str, url: str) -> None:
     assert healthz_url({"HOST": host}) == url
+
+
+def _open_file_limit(pid: int) -> tuple[int, int]:
+    """Return a process's (soft, hard) open-file limit as the kernel reports it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+@pytest.mark.parametrize(("max_connections", "warned"), [("1000", False), ("8000", True)])
+def test_serve_raises_its_open_file_limit_and_warns_when_max_connections_cannot_fit(
+    emulator_url: str, redis_url: str, tmp_path: Path, max_connections: str, warned: bool
+) -> None:
+    env = serve_env(emulator_url, redis_url, tmp_path, MAX_CONNECTIONS=max_connections)
+    served = Serve([], env, tmp_path / "serve.log", open_files=(1024, 4096))
+    try:
+        wait_until_ready(served.base, served.process)
+        assert _open_file_limit(served.process.pid) == (4096, 4096)
+        warnings = [line["msg"] for line in served.log_lines() if "MAX_CONNECTIONS" in line["msg"]]
+        if warned:
+            [warning] = warnings
+            assert "MAX_CONNECTIONS 8000" in warning and "only 4096" in warning
+        else:
+            assert warnings == []
+    finally:
+        served.close()

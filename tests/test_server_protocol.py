@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from service.server_protocol import MAX_HEADER_BYTES, HeaderDeadlineProtocol, configured_header_timeout
+from service.server_protocol import MAX_HEADER_BYTES, HeaderDeadlineProtocol, worker_settings
 from tests.observability.support import AccessLogWaiter, access_log_records
 from tests.support.servers import serve
 
@@ -29,9 +29,9 @@ def header_timeout(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("ALLOWED_AGENT_IDS", "agent_demo")
     monkeypatch.setenv("JWT_HS256_SECRET", "s" * 40)
     monkeypatch.setenv("REQUEST_HEADER_TIMEOUT_SECONDS", "1")
-    configured_header_timeout.cache_clear()
+    worker_settings.cache_clear()
     yield
-    configured_header_timeout.cache_clear()
+    worker_settings.cache_clear()
 
 
 def held_response_app(release: threading.Event) -> Starlette:

@@ -126,6 +126,8 @@ def test_every_contract_name_is_read() -> None:
         ("REQUEST_HEADER_TIMEOUT_SECONDS", "soon", "REQUEST_HEADER_TIMEOUT_SECONDS: expected a number"),
         ("KEEP_ALIVE_TIMEOUT_SECONDS", "0", "KEEP_ALIVE_TIMEOUT_SECONDS: must be between 1 and 3600"),
         ("KEEP_ALIVE_TIMEOUT_SECONDS", "75s", "KEEP_ALIVE_TIMEOUT_SECONDS: expected an integer"),
+        ("MAX_CONNECTIONS", "0", "MAX_CONNECTIONS: must be between 1 and 1000000"),
+        ("MAX_CONNECTIONS", "lots", "MAX_CONNECTIONS: expected an integer"),
         ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must be a URL with scheme"),
         ("ELEVENLABS_BASE_URL", "ftp://x", "ELEVENLABS_BASE_URL: must be a URL"),
         # Unparsable URLs were a ValueError traceback (exit 1 instead of 2).
