@@ -74,6 +74,10 @@ _ZERO_PARENT_ID: Final = b"0" * 16
 
 _AnyMetric = TypeVar("_AnyMetric", Counter, Gauge, Histogram)
 
+# Set in a request's scope state by the server protocol when the client's connection closes before the response
+# has ended (`mark_client_gone`): a route that never reads `receive` again would otherwise not know.
+CLIENT_GONE: Final = "convai_client_gone"
+
 # The current request's id, so that any log line written while handling it can name it.
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("convai_request_id", default=None)
 
@@ -708,6 +712,13 @@ def _client_ip(scope: Scope, state: Mapping[str, Any]) -> str | None:
     return str(client[0]) if client else None
 
 
+def mark_client_gone(scope: Mapping[str, Any]) -> None:
+    """Record in a request's scope state that its client left before the response ended."""
+    state = scope.get("state")
+    if isinstance(state, dict):
+        state[CLIENT_GONE] = True
+
+
 def _trace_id(traceparent: bytes) -> str | None:
     """Return the trace id of a valid W3C version-00 `traceparent` header value, else None."""
     match = _TRACEPARENT_RE.fullmatch(traceparent)
@@ -768,6 +779,7 @@ class RequestContextMiddleware:
         status: int | None = None
         ended: float | None = None
         disconnected = False
+        undelivered = False  # the client had left before the response started
 
         async def receive_wrapper() -> Message:
             nonlocal disconnected
@@ -777,9 +789,10 @@ class RequestContextMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, ended, disconnected
+            nonlocal status, ended, disconnected, undelivered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                undelivered = CLIENT_GONE in state
                 # Appended raw: the id header is the gateway's alone, no route sets it.
                 message = {**message, "headers": [*message.get("headers", ()), (_REQUEST_ID_RAW, raw_id)]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -794,11 +807,14 @@ class RequestContextMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             finished = ended if ended is not None else self.clock()
+            if CLIENT_GONE in state:
+                disconnected = True
             if status is None:
                 # No response started: either the app failed (the server answers 500) or the client left (499).
                 final_status = 499 if disconnected else 500
             else:
-                final_status = status
+                # A response started after the client left reached no one (uvicorn drops it without an error).
+                final_status = 499 if undelivered else status
             # Started but never finished (an upstream stream that failed mid-way, a stalled listener cut off, a
             # client gone): the status alone would read like a complete response.
             incomplete = status is not None and ended is None

@@ -33,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import problem_response
 from service.http_hygiene import cors_response_headers, security_header_pairs
-from service.observability import REQUEST_ID_HEADER, record_refused_request, request_id_for
+from service.observability import REQUEST_ID_HEADER, mark_client_gone, record_refused_request, request_id_for
 from service.settings import Settings, load_settings
 from service.state import Services
 
@@ -186,8 +186,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._send_refusal(self._refusal)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Forget the header clock with the connection."""
+        """Forget the header clock with the connection; tell the access log if a response was still due."""
         self._cancel_header_deadline()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # uvicorn drops what the app sends from now on without an error: the access log would say 200.
+            mark_client_gone(cycle.scope)
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:

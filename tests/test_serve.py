@@ -574,3 +574,32 @@ def _refusals_counted_on(sock: socket.socket, status: int) -> float:
     answer = _read_response(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
     return _unmatched_count(answer.partition(b"\r\n\r\n")[2].decode(), status)
+
+
+def test_a_client_gone_before_a_plain_response_is_logged_499(served: Served, emulator_url: str) -> None:
+    # A JSON route never reads `receive` after its body, and uvicorn drops what is sent to a closed connection
+    # without an error: only the server knows the client left. The line must say so, as nginx's 499 does.
+    httpx.post(
+        f"{emulator_url}/_emulator/faults",
+        json={"endpoint": "list", "kind": "slow", "delay_seconds": 1.0, "times": 1},
+    ).raise_for_status()
+    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+    request_id = "gone-" + secrets.token_hex(8)
+    token = mint_token(TEST_JWT_SECRET, "alice")
+    with _connect(served) as sock:
+        sock.sendall(
+            b"GET /v1/convai/conversations HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: %s\r\n"
+            b"Authorization: Bearer %s\r\n\r\n" % (request_id.encode(), token.encode())
+        )
+        deadline = time.monotonic() + 10
+        while not httpx.get(f"{emulator_url}/_emulator/requests").json():
+            assert time.monotonic() < deadline, "request never reached upstream"
+            time.sleep(0.02)  # condition wait: the request is in flight once upstream has it
+    deadline = time.monotonic() + 10
+    while not (lines := _access_lines(served, request_id)):
+        assert time.monotonic() < deadline, "no access line for the abandoned request"
+        time.sleep(0.02)  # the line is written when the slow upstream answers
+    [line] = lines
+    assert line["status"] == 499
+    assert line["client_disconnected"] is True
+    assert line["route"] == "/v1/convai/conversations"
