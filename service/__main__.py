@@ -448,6 +448,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.ttl <= 0:
         return _fail("token: --ttl must be a positive number of seconds")
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
+    allowed = issuer.allowed_scopes
+    dropped = sorted(set(args.scope.split()) - allowed) if allowed is not None else []
+    if allowed is not None and dropped:
+        # Minted as asked (a test of the narrowing may want it), but the caller should not be surprised by 403s.
+        print(
+            f"token: the gateway will drop {', '.join(dropped)}: JWT_ALLOWED_SCOPES allows only "
+            f"{', '.join(sorted(allowed))}",
+            file=sys.stderr,
+        )
     print(
         mint_token(
             issuer.hs256_secret.reveal(),

@@ -124,6 +124,19 @@ def test_token_prints_a_jwt_with_the_requested_claims() -> None:
     assert claims["exp"] - claims["iat"] == 120
 
 
+def test_token_warns_of_scopes_the_gateway_would_drop() -> None:
+    env = {**VALID_ENV, "JWT_ALLOWED_SCOPES": "convai:session convai:history"}
+    result = run_cli("token", "--sub", "bob", "--scope", "convai:session convai:delete", env=env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["scope"]
+        == "convai:session convai:delete"
+    )
+    assert "convai:delete" in result.stderr and "JWT_ALLOWED_SCOPES" in result.stderr
+    quiet = run_cli("token", "--sub", "bob", "--scope", "convai:history", env=env)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
 def test_token_refuses_a_missing_or_short_secret() -> None:
     result = run_cli("token", "--sub", "bob", env={"JWT_HS256_SECRET": "short"})
     assert result.returncode == 2
