@@ -10,7 +10,9 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
@@ -18,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
-from service.ratelimit import Hit, RateLimiterUnavailable, RedisRateLimiter, interval_us, state_key
+from service.ratelimit import Decision, Hit, RateLimiterUnavailable, RedisRateLimiter, interval_us, state_key
 from service.redis_client import close_redis, create_redis
 from service.settings import RateLimitPolicy, RedisTopology
 from tests.ratelimit.conftest import ManualClock, policy
@@ -609,12 +611,23 @@ async def test_a_denial_and_an_error_leave_the_committed_slot_refunded(
         await close_redis(redis)
 
 
-async def test_a_failed_refund_is_logged_and_the_original_error_raised(
-    cluster_nodes: list[RedisServer], caplog: pytest.LogCaptureFixture
-) -> None:
+@dataclass
+class SplitRequest:
+    """A limiter on a 1 s Redis budget and a request whose user and agent keys live on two masters."""
+
+    limiter: RedisRateLimiter
+    user: Hit
+    agent: Hit
+    healthy: sync_redis.Redis  # the user key's master
+    agent_port: int  # the agent key's master
+    before: Any  # the user's stored state after one admitted request
+
+
+@contextlib.asynccontextmanager
+async def split_request(cluster_nodes: list[RedisServer]) -> AsyncIterator[SplitRequest]:
+    """Yield a SplitRequest whose request has been admitted once; close its clients afterwards."""
     flush(cluster_nodes)
     seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
-    # A long budget: the test pauses the healthy master between its commit and the other slot's timeout.
     redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=1.0)
     ports = [node.port for node in cluster_nodes]
     agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
@@ -623,15 +636,32 @@ async def test_a_failed_refund_is_logged_and_the_original_error_raised(
     try:
         limiter = RedisRateLimiter(redis, clock=ManualClock())
         assert (await limiter.acquire([user, agent])).allowed
-        before = healthy.get(state_key(user))
+        yield SplitRequest(limiter, user, agent, healthy, ports[0], healthy.get(state_key(user)))
+    finally:
+        healthy.close()
+        await close_redis(redis)
 
+
+async def acquire_past_the_user_slot(split: SplitRequest) -> asyncio.Task[Decision]:
+    """Start acquiring the split request; return the task once the user's slot has committed its reservation."""
+    attempt = asyncio.create_task(split.limiter.acquire([split.user, split.agent]))
+    # Condition wait: the user's key on its (healthy) master has moved on.
+    deadline = time.monotonic() + 0.8
+    while await asyncio.to_thread(split.healthy.get, state_key(split.user)) == split.before:
+        assert time.monotonic() < deadline, "the user's slot never committed"
+    return attempt
+
+
+async def test_a_failed_refund_is_logged_and_the_original_error_raised(
+    cluster_nodes: list[RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A long budget: the test pauses the healthy master between its commit and the other slot's timeout.
+    async with split_request(cluster_nodes) as split:
+        user, agent, healthy = split.user, split.agent, split.healthy
         caplog.set_level(logging.WARNING, logger="service.ratelimit")
-        async with asleep(ports[0], 3.0):
-            attempt = asyncio.create_task(limiter.acquire([user, agent]))
-            # Condition wait: the user's slot has committed (the agent's is asleep and times out after 1 s).
-            deadline = time.monotonic() + 0.8
-            while await asyncio.to_thread(healthy.get, state_key(user)) == before:
-                assert time.monotonic() < deadline, "the user's slot never committed"
+        async with asleep(split.agent_port, 3.0):
+            # The agent's slot is asleep and times out after 1 s.
+            attempt = await acquire_past_the_user_slot(split)
             # Scripts that may write wait while the master is paused: the refund times out.
             await asyncio.to_thread(healthy.client_pause, 5000, False)
             try:
@@ -648,36 +678,16 @@ async def test_a_failed_refund_is_logged_and_the_original_error_raised(
         message = warnings[0].getMessage()
         assert "refund" in message and user.subject not in message and agent.subject not in message, message
         assert warnings[0].exc_info is None
-    finally:
-        healthy.close()
-        await close_redis(redis)
 
 
 async def test_a_cancelled_cross_slot_acquire_stays_cancelled(cluster_nodes: list[RedisServer]) -> None:
     # Waiting for every slot group (to know which ones to refund) must not turn a cancellation (client gone,
     # request deadline) into an error or a decision.
-    flush(cluster_nodes)
-    seed = f"redis://127.0.0.1:{cluster_nodes[0].port}"
-    redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=1.0)
-    ports = [node.port for node in cluster_nodes]
-    agent = Hit(AGENT, subject_on(cluster_nodes, ports[0], "agent", AGENT))
-    user = Hit(USER, subject_on(cluster_nodes, ports[1], "user", USER))
-    healthy = master_client(cluster_nodes, ports[1])
-    try:
-        limiter = RedisRateLimiter(redis, clock=ManualClock())
-        assert (await limiter.acquire([user, agent])).allowed
-        before = healthy.get(state_key(user))
-        async with asleep(ports[0], 2.0):
-            attempt = asyncio.create_task(limiter.acquire([user, agent]))
-            # Condition wait: the user's slot has committed; the agent's waits for its sleeping master.
-            deadline = time.monotonic() + 0.8
-            while await asyncio.to_thread(healthy.get, state_key(user)) == before:
-                assert time.monotonic() < deadline, "the user's slot never committed"
-            attempt.cancel()
-            # Within the agent's 1 s budget at most: redis-py sends under Python 3.11's `wait_for`, which drops a
-            # cancellation that arrives as the send completes, and the command then ends at its deadline.
-            done, _ = await asyncio.wait({attempt}, timeout=5)
-            assert attempt in done and attempt.cancelled(), attempt
-    finally:
-        healthy.close()
-        await close_redis(redis)
+    async with split_request(cluster_nodes) as split, asleep(split.agent_port, 2.0):
+        # The agent's slot waits for its sleeping master.
+        attempt = await acquire_past_the_user_slot(split)
+        attempt.cancel()
+        # Within the agent's 1 s budget at most: redis-py sends under Python 3.11's `wait_for`, which drops a
+        # cancellation that arrives as the send completes, and the command then ends at its deadline.
+        done, _ = await asyncio.wait({attempt}, timeout=5)
+        assert attempt in done and attempt.cancelled(), attempt
