@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +20,7 @@ from starlette.routing import Route
 from service.errors import EXCEPTION_HANDLERS, NotFound, UnhandledErrorMiddleware
 from service.http_hygiene import BodyLimitMiddleware, SecurityHeadersMiddleware, cors_middleware
 from service.observability import ACCESS_LOGGER, Metrics, RequestContextMiddleware, metrics_endpoint
+from tests.support.gateway import handler_attached
 
 
 class FakeClock:
@@ -160,16 +160,6 @@ class AccessLogWaiter(logging.Handler):
             return self._changed.wait_for(lambda: len(self.records) >= count, timeout)
 
 
-@contextlib.contextmanager
-def access_log_records() -> Iterator[AccessLogWaiter]:
+def access_log_records() -> contextlib.AbstractContextManager[AccessLogWaiter]:
     """Collect the access logger's records (at INFO) for the duration of the block."""
-    logger = logging.getLogger(ACCESS_LOGGER)
-    waiter = AccessLogWaiter()
-    previous_level = logger.level
-    logger.addHandler(waiter)
-    logger.setLevel(logging.INFO)
-    try:
-        yield waiter
-    finally:
-        logger.removeHandler(waiter)
-        logger.setLevel(previous_level)
+    return handler_attached(logging.getLogger(ACCESS_LOGGER), AccessLogWaiter(), logging.INFO)

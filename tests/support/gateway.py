@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -35,19 +35,25 @@ class LogCapture(logging.Handler):
         self.lines.append(f"{text} {extras!r}")
 
 
+_Handler = TypeVar("_Handler", bound=logging.Handler)
+
+
 @contextlib.contextmanager
-def capture_logs() -> Any:
-    """Capture every log record of every logger at DEBUG for the duration of the block."""
-    handler = LogCapture()
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
+def handler_attached(logger: logging.Logger, handler: _Handler, level: int) -> Iterator[_Handler]:
+    """Attach `handler` to `logger` at `level` for the duration of the block, then restore the logger."""
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
     try:
         yield handler
     finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def capture_logs() -> contextlib.AbstractContextManager[LogCapture]:
+    """Capture every log record of every logger at DEBUG for the duration of the block."""
+    return handler_attached(logging.getLogger(), LogCapture(), logging.DEBUG)
 
 
 @dataclass
