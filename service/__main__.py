@@ -512,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_integer_between(1, 64), default=1, help="worker processes (default 1, at most 64)"
     )
     serve.add_argument(
-        "--graceful-timeout", type=int, default=20, help="seconds to finish in-flight requests"
+        "--graceful-timeout",
+        type=_integer_between(0, 3600),
+        default=20,
+        help="seconds to finish in-flight requests (default 20)",
     )
     serve.add_argument(
         "--keep-alive-timeout",
@@ -524,12 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     dev = sub.add_parser("dev", help="run the gateway with the embedded emulator and print a dev token")
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--emulator-port", type=int, default=8090)
+    dev.add_argument("--port", type=_integer_between(1, 65535), default=8080)
+    dev.add_argument("--emulator-port", type=_integer_between(1, 65535), default=8090)
     dev.set_defaults(handler=cmd_dev)
 
     emulator = sub.add_parser("emulator", help="run the upstream emulator alone")
-    emulator.add_argument("--port", type=int, required=True)
+    emulator.add_argument("--port", type=_integer_between(1, 65535), required=True)
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--empty", action="store_true", help="start without sample conversations")
     emulator.set_defaults(handler=cmd_emulator)

@@ -103,6 +103,25 @@ def test_unknown_or_missing_arguments_exit_2(args: tuple[str, ...]) -> None:
     assert "usage:" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "70000"),
+        ("dev", "--port", "70000"),
+        ("dev", "--emulator-port", "0"),
+        ("emulator", "--port", "70000"),
+        ("emulator", "--port", "-1"),
+        ("serve", "--graceful-timeout", "-1"),
+    ],
+)
+def test_out_of_range_ports_and_timeouts_exit_2_with_usage(args: tuple[str, ...]) -> None:
+    # README: "out-of-range values (`--port` 1-65535, ...) exit 2 with usage", for every command taking one.
+    result = run_cli(*args, env=VALID_ENV, timeout=10)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    assert "must be between" in result.stderr
+
+
 def test_token_prints_a_jwt_with_the_requested_claims() -> None:
     result = run_cli(
         "token",
