@@ -110,6 +110,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _header_count = 0
     _parsed_header_bytes = 0  # request line and header lines as parsed: exact
     _refusal: Refusal | None = None  # a refusal held back until the response in progress ends
+    _refused = False  # a request was refused: nothing parsed after it reaches the app or its cycle
 
     def _unsupported_upgrade_warning(self) -> None:
         # `serve` runs without WebSocket support, so an upgrade request is answered as the plain request it
@@ -141,6 +142,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         """Start a request; on a kept-alive connection its headers get a fresh deadline."""
+        if self._refused:
+            return
         super().on_message_begin()
         self._in_header_block = True
         self._header_count = 0
@@ -163,6 +166,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         """Stop the header clock, then hand the request to the app (or refuse too many headers)."""
+        if self._refused:
+            # Pipelined in the same read behind a refused request: the connection closes after the refusal,
+            # so this request must not run (or be queued to run once the response in progress ends).
+            return
         self._in_header_block = False
         self._header_bytes = 0
         if (
@@ -177,6 +184,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return
         self._cancel_header_deadline()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        """Pass a body chunk to the request's cycle, unless the request was refused."""
+        # A refused request has no cycle of its own: its body would be added to the previous request's, or
+        # fail on None (which uvicorn reports as "Invalid HTTP request received.").
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        """End the request's body, unless the request was refused."""
+        if not self._refused:
+            super().on_message_complete()
 
     def on_response_complete(self) -> None:
         """Finish a response; send a refusal held back meanwhile, or wait for the next header block."""
@@ -237,6 +256,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         # Everything here runs only for a refusal: a request served normally pays for none of it.
+        self._refused = True
         deadline = self._header_deadline
         started = None if deadline is None else deadline.when() - configured_header_timeout()
         self._cancel_header_deadline()

@@ -483,6 +483,53 @@ def test_a_refusal_carries_the_cors_headers_the_app_gives_the_same_origin(
         assert b"access-control-allow-origin" not in refused
 
 
+def test_a_request_pipelined_behind_a_refused_one_is_never_served(served: Served, emulator_url: str) -> None:
+    # The refusal closes the connection, so nothing read after it may reach the app: a DELETE pipelined there
+    # would run although its client is told the connection ended before it.
+    httpx.post(
+        f"{emulator_url}/_emulator/faults",
+        json={"endpoint": "list", "kind": "slow", "delay_seconds": 0.5, "times": 1},
+    ).raise_for_status()
+    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+    token = mint_token(TEST_JWT_SECRET, "alice").encode()
+    listing = (
+        b"GET /v1/convai/conversations HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer %s\r\n" % token
+    )
+    too_many = b"".join(b"X-H%d: v\r\n" % index for index in range(MAX_HEADER_COUNT + 1))
+    after = "after-" + secrets.token_hex(8)
+    with _connect(served) as sock:
+        # One write: the first request is in flight (its response slow) when the other two are parsed.
+        sock.sendall(
+            listing
+            + b"\r\n"
+            + b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n"
+            + too_many
+            + b"\r\n"
+            + listing
+            + b"X-Request-ID: %s\r\n\r\n" % after.encode()
+        )
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 431 " in answer, answer
+    assert served.stop() == 0
+    assert _access_lines(served, after) == []
+    assert len(httpx.get(f"{emulator_url}/_emulator/requests").json()) == 1
+
+
+def test_a_refusal_before_a_request_body_logs_no_parser_warning(served: Served) -> None:
+    # The request is well formed: "Invalid HTTP request received." would be a false alarm any client could repeat.
+    too_many = b"".join(b"X-H%d: v\r\n" % index for index in range(MAX_HEADER_COUNT + 1))
+    _, answer = _refuse(
+        served,
+        b"POST /v1/convai/conversations/c/feedback HTTP/1.1\r\nHost: gateway\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n" + too_many + b"\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert served.stop() == 0
+    lines = [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+    assert [line["msg"] for line in lines if line["level"] != "INFO"] == []
+
+
 def test_too_many_header_lines_get_431(served: Served) -> None:
     lines = b"".join(b"X-H%d: v\r\n" % index for index in range(MAX_HEADER_COUNT + 1))
     with _connect(served) as sock:
