@@ -692,7 +692,20 @@ _OPTION_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 def _check_redis_options(reader: _Reader, url: str) -> None:
     # Names are read as redis-py reads them (parse_qs percent-decodes them). Values are never echoed: a URL's
     # query may hold a password too (`?password=...`).
-    names = set(parse_qs(urlsplit(url).query))
+    parts = urlsplit(url)
+    names = set(parse_qs(parts.query))
+    # Supported, but not by every scheme's connection class: redis:// and unix:// connections take no TLS option
+    # and a Unix socket no TCP keep-alive; passed to them, each connection attempt raised TypeError (a 500 on
+    # every request), and a Cluster client dropped TLS options silently, connecting in plaintext.
+    misplaced = sorted(name for name in names & SUPPORTED_REDIS_OPTIONS if name.startswith("ssl_"))
+    if misplaced and parts.scheme != "rediss":
+        reader.problems.append(
+            f"REDIS_URL: the query option(s) {', '.join(misplaced)} need a rediss:// URL (TLS); URL not shown"
+        )
+    if "socket_keepalive" in names and parts.scheme == "unix":
+        reader.problems.append(
+            "REDIS_URL: socket_keepalive applies to TCP connections, not to a unix:// socket; URL not shown"
+        )
     owned = sorted(GATEWAY_OWNED_REDIS_OPTIONS & names)
     if owned:
         reader.problems.append(

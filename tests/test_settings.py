@@ -227,6 +227,29 @@ def test_redis_url_options_redis_py_cannot_take_are_refused(query: str) -> None:
     assert "hunter2-url-pass" not in problem and "127.0.0.1" not in problem
 
 
+@pytest.mark.parametrize(
+    ("url", "option", "needs"),
+    [
+        ("redis://:hunter2-url-pass@127.0.0.1:6380/0?ssl_ca_certs=/etc/ca.pem", "ssl_ca_certs", "rediss://"),
+        ("redis://:hunter2-url-pass@127.0.0.1:6380/0?ssl_cert_reqs=required", "ssl_cert_reqs", "rediss://"),
+        ("unix:///run/redis.sock?password=hunter2-url-pass&ssl_certfile=/c.pem", "ssl_certfile", "rediss://"),
+        ("unix:///run/redis.sock?password=hunter2-url-pass&socket_keepalive=true", "socket_keepalive", "TCP"),
+    ],
+)
+def test_redis_url_options_its_scheme_cannot_take_are_refused(url: str, option: str, needs: str) -> None:
+    # redis-py's plain TCP and Unix-socket connections take no TLS options, and a Unix socket no keep-alive: each
+    # connection attempt raised TypeError, a 500 on every request (and a Cluster client silently went plaintext).
+    found = problems({**GOOD, "REDIS_URL": url})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert option in problem and needs in problem
+    assert "hunter2-url-pass" not in problem and "/etc/ca.pem" not in problem
+
+
+def test_tls_options_are_kept_on_a_rediss_url() -> None:
+    url = "rediss://127.0.0.1:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem&socket_keepalive=true"
+    assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
+
+
 def test_a_redis_url_option_name_that_looks_like_no_option_is_not_echoed() -> None:
     found = problems({**GOOD, "REDIS_URL": "redis://127.0.0.1:6380/0?sk_PASTED-SECRET-9f8e=1&foo=1"})
     (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
