@@ -12,9 +12,10 @@ httptools sets no limit on the size of a header block, so a client could also pu
 process within the deadline. A request line and headers over `MAX_HEADER_BYTES`, more than `MAX_HEADER_COUNT`
 header lines, or a request target over `MAX_TARGET_BYTES`, get `431 Request Header Fields Too Large` and the
 connection is closed (nginx's defaults are smaller: 4 x 8 KiB; a bearer token here is at most 8 KiB). Bytes httptools
-cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text. A request arriving while the process
-holds more than `MAX_CONNECTIONS` connections (idle kept-alive ones included) gets `503 too_many_connections` with
-`Retry-After: 1`, and its connection is closed: open sockets, and the memory each costs, stay bounded.
+cannot parse get a `400 Bad Request` problem instead of uvicorn's plain text. A connection opened while the process
+holds more than `MAX_CONNECTIONS` (idle kept-alive ones included) gets `503 too_many_connections` with
+`Retry-After: 1` for its first request and is closed: open sockets, and the memory each costs, stay bounded, and the
+connections already open are served as before.
 
 Each refusal is visible as every response is: an access-log line in the app's shape (route `unmatched`) naming the
 `X-Request-ID` it carries, a count in the process's request metrics (reached through the app's lifespan state, which
@@ -111,6 +112,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _parsed_header_bytes = 0  # request line and header lines as parsed: exact
     _refusal: Refusal | None = None  # a refusal held back until the response in progress ends
     _refused = False  # a request was refused: nothing parsed after it reaches the app or its cycle
+    _over_capacity = False  # opened while the process held more than MAX_CONNECTIONS
 
     def _unsupported_upgrade_warning(self) -> None:
         # `serve` runs without WebSocket support, so an upgrade request is answered as the plain request it
@@ -121,6 +123,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Accept the connection and start the clock for its first request's headers."""
         super().connection_made(transport)
+        # Decided once, as it opens: a connection over the limit gets its first request refused, while the ones
+        # already open (a proxy's pooled connections) stay served whatever a flood of new ones does.
+        self._over_capacity = len(self.connections) > configured_max_connections()
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -179,7 +184,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         ):
             self._refuse_headers()  # stops the clock once it has read when the block began
             return
-        if len(self.connections) > configured_max_connections():
+        if self._over_capacity:
             self._refuse_over_capacity()
             return
         self._cancel_header_deadline()

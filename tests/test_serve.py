@@ -594,6 +594,15 @@ def test_a_request_over_max_connections_gets_503_and_its_connection_closed(
             held.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
             assert _read_response(held).startswith(b"HTTP/1.1 200 ")
         before = _refusals_counted_on(first, 503)
+        # A flood of new connections must not take the held ones down: while an idle one opened over the limit
+        # is open, the held connections are still served (the round trip on `second` lets the server accept it).
+        flood = _connect(served)
+        for held in (second, first):
+            held.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert _read_response(held).startswith(b"HTTP/1.1 200 ")
+        flood.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert _read_until_closed(flood).startswith(b"HTTP/1.1 503 ")
+        flood.close()
         refused, answer = _refuse(
             served, b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nOrigin: %s\r\n\r\n" % ALLOWED_ORIGIN.encode()
         )
@@ -604,7 +613,7 @@ def test_a_request_over_max_connections_gets_503_and_its_connection_closed(
         [line] = _access_lines(served, refused[b"x-request-id"].decode())
         assert (line["status"], line["route"], line["method"]) == (503, "unmatched", "GET")
         # The kept-alive connections are still served (the count is read on one), the refused one counted once.
-        assert _refusals_counted_on(first, 503) == before + 1
+        assert _refusals_counted_on(first, 503) == before + 2
         # Once a connection closes, a new one is served again.
         second.close()
         deadline = time.monotonic() + 10
