@@ -39,6 +39,10 @@ ACT_AS_SCOPE = "convai:act-as"
 KNOWN_SCOPES = (SESSION_SCOPE, HISTORY_SCOPE, DELETE_SCOPE, ACT_AS_SCOPE)
 DEFAULT_SCOPES = f"{SESSION_SCOPE} {HISTORY_SCOPE}"
 NEVER_DEFAULT_SCOPES = frozenset({DELETE_SCOPE, ACT_AS_SCOPE})
+# An issuer's user id namespace: 1-31 safe characters and the separator ':', which they may not contain. So no
+# prefix begins another (the first ':' ends it): distinct prefixes never make the same user id.
+USER_ID_PREFIX_SEPARATOR = ":"
+USER_ID_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,31}:")
 
 
 class Secret:
@@ -104,6 +108,9 @@ class IssuerConfig:
     public_key_pem: str | None = None
     # The most its tokens may hold: claimed (or default) scopes outside it are dropped. None: every scope.
     allowed_scopes: frozenset[str] | None = None
+    # Prepended to the user id of each of its tokens (and to X-On-Behalf-Of targets of its act-as tokens), so
+    # its users are never another issuer's. None: the user id is the claim unchanged (the contract's default).
+    user_id_prefix: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +473,23 @@ def _allowed_scopes(reader: _Reader, name: str, value: Any) -> frozenset[str] | 
     return frozenset(s for s in value if s in KNOWN_SCOPES)
 
 
+def _user_id_prefix(reader: _Reader, name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        reader.problems.append(f'{name}: must be a string such as "partner:"')
+        return None
+    if USER_ID_PREFIX.fullmatch(value) is None:
+        # Safe characters only: the prefix lands in Redis keys (no braces: the rate limiter's hash tag), log
+        # lines and the upstream user_id. The value is no secret, so it is shown.
+        reader.problems.append(
+            f"{name}: must be 1-31 of A-Z a-z 0-9 . _ - followed by '{USER_ID_PREFIX_SEPARATOR}', "
+            f'such as "partner:"; got {value!r}'
+        )
+        return None
+    return value
+
+
 def _issuer_name(reader: _Reader, name: str, value: Any) -> tuple[bool, str | None]:
     """Return (valid, issuer) for a TOML `issuer` value, reporting a wrong type or an empty string."""
     if value is None:
@@ -497,6 +521,29 @@ def _check_issuer_names(reader: _Reader, issuers: list[tuple[str, IssuerConfig]]
             first[config.issuer] = label
 
 
+def _prefix_label(issuer_label: str) -> str:
+    """Return the name of an issuer's user_id_prefix, from the name its `issuer` goes by in problems."""
+    if issuer_label == "JWT_ISSUER":
+        return "JWT_USER_ID_PREFIX"
+    return issuer_label.removesuffix(".issuer") + ".user_id_prefix"
+
+
+def _check_user_id_prefixes(reader: _Reader, issuers: list[tuple[str, IssuerConfig]]) -> None:
+    # A prefix keeps an issuer's users apart from every other issuer's: shared, it would merge them again.
+    first: dict[str, str] = {}
+    for label, config in issuers:
+        prefix = config.user_id_prefix
+        if prefix is None:
+            continue
+        if prefix in first:
+            reader.problems.append(
+                f"{_prefix_label(label)}: {prefix!r} is already the prefix of {first[prefix]}; each issuer needs "
+                "a prefix of its own (a shared one would make their users one user again)"
+            )
+        else:
+            first[prefix] = _prefix_label(label)
+
+
 def _env_issuer(reader: _Reader) -> IssuerConfig | None:
     secret = _hs256_secret(reader, "JWT_HS256_SECRET", reader.raw("JWT_HS256_SECRET"))
     jwks = _jwks_url(reader, "JWT_JWKS_URL", reader.raw("JWT_JWKS_URL"))
@@ -519,6 +566,7 @@ def _env_issuer(reader: _Reader) -> IssuerConfig | None:
         jwks_url=jwks,
         public_key_pem=pem,
         allowed_scopes=_allowed_scopes(reader, "JWT_ALLOWED_SCOPES", allowed.split() if allowed else None),
+        user_id_prefix=_user_id_prefix(reader, "JWT_USER_ID_PREFIX", reader.raw("JWT_USER_ID_PREFIX")),
     )
 
 
@@ -546,7 +594,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             continue
         unknown = set(entry) - {
             "issuer", "audiences", "algorithms", "hs256_secret_env", "jwks_url", "public_key_file",
-            "allowed_scopes",
+            "allowed_scopes", "user_id_prefix",
         }  # fmt: skip
         if unknown:
             reader.problems.append(f"{where}: unknown keys {', '.join(sorted(unknown))}")
@@ -570,6 +618,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
         pem, pem_family = _public_key(reader, f"{where}.public_key_file", entry.get("public_key_file"))
         audiences = _audiences(reader, f"{where}.audiences", entry.get("audiences"))
         allowed_scopes = _allowed_scopes(reader, f"{where}.allowed_scopes", entry.get("allowed_scopes"))
+        user_id_prefix = _user_id_prefix(reader, f"{where}.user_id_prefix", entry.get("user_id_prefix"))
         if not {"hs256_secret_env", "jwks_url", "public_key_file"} & set(entry):
             reader.problems.append(f"{where}: needs hs256_secret_env, jwks_url or public_key_file")
             continue
@@ -593,6 +642,7 @@ def _toml_issuers(reader: _Reader, data: Any) -> list[tuple[str, IssuerConfig]]:
             jwks_url=jwks,
             public_key_pem=pem,
             allowed_scopes=allowed_scopes,
+            user_id_prefix=user_id_prefix,
         )
         issuers.append((f"{where}.issuer", config))
     return issuers
@@ -856,6 +906,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     named = [("JWT_ISSUER", env_issuer)] if env_issuer is not None else []
     named.extend(_toml_issuers(reader, toml.get("issuers")))
     _check_issuer_names(reader, named)
+    _check_user_id_prefixes(reader, named)
     issuers = [config for _, config in named]
     # Only when nothing was said about the keys: after "key too weak" this would just be noise.
     if not issuers and len(reader.problems) == reported:

@@ -732,3 +732,99 @@ def test_unknown_scope_in_jwt_allowed_scopes_is_a_problem_naming_the_variable() 
         "JWT_ALLOWED_SCOPES: unknown scopes 'convai:admin' "
         "(known: convai:session, convai:history, convai:delete, convai:act-as)"
     ]
+
+
+# --- per-issuer user id namespace ---------------------------------------------------------------------
+
+PARTNER_ISSUER = '[[issuers]]\nissuer = "https://partner.example"\nhs256_secret_env = "PARTNER"\n'
+IDP_ISSUER = '[[issuers]]\nissuer = "https://idp.example"\njwks_url = "https://idp.example/jwks.json"\n'
+
+
+def test_issuer_user_id_prefixes_are_read_and_default_to_none(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        PARTNER_ISSUER + 'user_id_prefix = "partner-a.eu_1:"\n\n' + IDP_ISSUER + 'user_id_prefix = "I:"\n\n'
+        '[[issuers]]\nissuer = "https://third.example"\njwks_url = "https://third.example/jwks.json"\n'
+    )
+    env = {**GOOD, "JWT_ISSUER": "https://own.example", "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)}
+    settings = load_settings({**env, "JWT_USER_ID_PREFIX": " own: "})
+    assert [i.user_id_prefix for i in settings.issuers] == ["own:", "partner-a.eu_1:", "I:", None]
+    # The longest: 31 characters and the separator.
+    assert (
+        load_settings({**GOOD, "JWT_USER_ID_PREFIX": "x" * 31 + ":"}).issuers[0].user_id_prefix
+        == "x" * 31 + ":"
+    )
+    # Empty, like every variable, means unset: no prefix (the contract: the user id is the claim, unchanged).
+    assert load_settings({**GOOD, "JWT_USER_ID_PREFIX": " "}).issuers[0].user_id_prefix is None
+    assert load_settings(GOOD).issuers[0].user_id_prefix is None
+
+
+PREFIX_RULE = "must be 1-31 of A-Z a-z 0-9 . _ - followed by ':', such as \"partner:\""
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('user_id_prefix = "partner"', PREFIX_RULE),  # no separator
+        ('user_id_prefix = ":"', PREFIX_RULE),  # nothing before it
+        ('user_id_prefix = "part ner:"', PREFIX_RULE),
+        ('user_id_prefix = "a:b:"', PREFIX_RULE),  # one separator only: prefixes must never nest
+        ('user_id_prefix = "partner/"', PREFIX_RULE),
+        ('user_id_prefix = "{partner}:"', PREFIX_RULE),  # braces would break the rate limiter's hash tag
+        ('user_id_prefix = "pärtner:"', PREFIX_RULE),
+        ('user_id_prefix = "partner:\\n"', PREFIX_RULE),
+        (f'user_id_prefix = "{"p" * 32}:"', PREFIX_RULE),  # 33 characters
+        ('user_id_prefix = ""', PREFIX_RULE),
+        ("user_id_prefix = 5", 'must be a string such as "partner:"'),
+        ('user_id_prefix = ["partner:"]', 'must be a string such as "partner:"'),
+        ("user_id_prefix = true", 'must be a string such as "partner:"'),
+    ],
+    ids=[
+        "no-separator",
+        "separator-only",
+        "space",
+        "two-separators",
+        "slash",
+        "braces",
+        "non-ascii",
+        "control-character",
+        "too-long",
+        "empty",
+        "integer",
+        "list",
+        "boolean",
+    ],
+)
+def test_bad_issuer_user_id_prefix_is_a_problem_naming_the_key(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"{PARTNER_ISSUER}{line}\n")
+    found = problems({**WITHOUT_ENV_ISSUER, "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)})
+    assert len(found) == 1, found
+    assert found[0].startswith(f"GATEWAY_CONFIG: issuers[0].user_id_prefix: {expected}"), found
+
+
+@pytest.mark.parametrize("value", ["own", "own:x:", "o wn:", "x" * 32 + ":"])
+def test_bad_jwt_user_id_prefix_is_a_problem_naming_the_variable(value: str) -> None:
+    found = problems({**GOOD, "JWT_USER_ID_PREFIX": value})
+    assert len(found) == 1, found
+    assert found[0].startswith(f"JWT_USER_ID_PREFIX: {PREFIX_RULE}"), found
+
+
+def test_two_issuers_may_not_share_a_user_id_prefix(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        PARTNER_ISSUER + 'user_id_prefix = "p:"\n\n' + IDP_ISSUER + 'user_id_prefix = "p:"\n\n'
+        '[[issuers]]\nissuer = "https://third.example"\njwks_url = "https://third.example/jwks.json"\n'
+        'user_id_prefix = "own:"\n'
+    )
+    env = {**GOOD, "JWT_ISSUER": "https://own.example", "PARTNER": "p" * 40, "GATEWAY_CONFIG": str(config)}
+    found = problems({**env, "JWT_USER_ID_PREFIX": "own:"})
+    assert found == [
+        "GATEWAY_CONFIG: issuers[1].user_id_prefix: 'p:' is already the prefix of "
+        "GATEWAY_CONFIG: issuers[0].user_id_prefix; each issuer needs a prefix of its own (a shared one "
+        "would make their users one user again)",
+        "GATEWAY_CONFIG: issuers[2].user_id_prefix: 'own:' is already the prefix of JWT_USER_ID_PREFIX; each "
+        "issuer needs a prefix of its own (a shared one would make their users one user again)",
+    ]
