@@ -63,6 +63,8 @@ class Principal:
     issuer: str | None
     expires_at: int
     actor: str | None = None
+    # The issuer's user_id_prefix ("" without one): already in `user_id`, and given to X-On-Behalf-Of targets.
+    user_id_prefix: str = ""
 
     def require_scope(self, scope: str) -> None:
         """Raise MissingScope unless the token carries `scope`."""
@@ -89,6 +91,11 @@ class _Issuer:
     static_key: VerificationKey | None
     jwks: JwksCache | None
     allowed_scopes: frozenset[str] | None
+    user_id_prefix: str
+    # The claim may be this long: the user id, prefix included, is at most MAX_USER_ID_LENGTH.
+    max_claim_length: int
+    # For an issuer without a prefix, the other issuers' prefixes: a user id starting with one is theirs.
+    foreign_prefixes: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,7 @@ class Authenticator:
         self.signature_checks = 0
         caches: dict[str, JwksCache] = {}
         self._issuers: list[_Issuer] = []
+        prefixes = tuple(config.user_id_prefix for config in settings.issuers if config.user_id_prefix)
         for config in settings.issuers:
             jwks = None
             if config.jwks_url is not None:
@@ -158,6 +166,9 @@ class Authenticator:
                     static_key=_pem_key(config.public_key_pem) if config.public_key_pem else None,
                     jwks=jwks,
                     allowed_scopes=config.allowed_scopes,
+                    user_id_prefix=config.user_id_prefix or "",
+                    max_claim_length=MAX_USER_ID_LENGTH - len(config.user_id_prefix or ""),
+                    foreign_prefixes=() if config.user_id_prefix else prefixes,
                 )
             )
         self._jwks_caches = tuple(caches.values())
@@ -322,12 +333,21 @@ class Authenticator:
             # What the issuer may grant bounds what its tokens claim: a partner's IdP cannot mint act-as.
             # Applied before caching, so a cached token costs nothing more.
             scopes &= issuer.allowed_scopes
+        claim = self._settings.jwt_user_claim
+        user_id = _user_id(claims, claim, issuer.max_claim_length)
+        if issuer.user_id_prefix:
+            # The issuer's namespace: its "alice" is no other issuer's "alice". Applied before caching too.
+            user_id = issuer.user_id_prefix + user_id
+        elif issuer.foreign_prefixes and user_id.startswith(issuer.foreign_prefixes):
+            # An issuer without a prefix cannot name a user of a prefixed one ("partner:alice").
+            raise AuthenticationFailed(f"invalid claim: {claim}")
         return Principal(
-            user_id=_user_id(claims, self._settings.jwt_user_claim),
+            user_id=user_id,
             scopes=scopes,
             agents=_agents(claims),
             issuer=issuer.config.issuer,
             expires_at=int(exp),
+            user_id_prefix=issuer.user_id_prefix,
         )
 
 
@@ -343,7 +363,8 @@ def act_as(principal: Principal, on_behalf_of: Sequence[str]) -> Principal:
             "X-On-Behalf-Of must be 1..128 printable ASCII characters without spaces",
             extra={"parameter": "X-On-Behalf-Of"},
         )
-    return replace(principal, user_id=user_id, actor=principal.user_id)
+    # Within the token's own issuer's namespace: a prefixed issuer's act-as reaches only its own users.
+    return replace(principal, user_id=principal.user_id_prefix + user_id, actor=principal.user_id)
 
 
 def _default_algorithms(config: IssuerConfig) -> tuple[str, ...]:
@@ -457,13 +478,13 @@ def _check_audience(audiences: tuple[str, ...], claims: Mapping[str, Any]) -> No
         raise AuthenticationFailed("wrong audience")
 
 
-def _user_id(claims: Mapping[str, Any], claim: str) -> str:
+def _user_id(claims: Mapping[str, Any], claim: str, max_length: int = MAX_USER_ID_LENGTH) -> str:
     value = claims.get(claim)
     if value is None or value == "":
         raise AuthenticationFailed(f"missing claim: {claim}")
     if (
         not isinstance(value, str)
-        or len(value) > MAX_USER_ID_LENGTH
+        or len(value) > max_length
         or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
     ):
         # A lone surrogate (JSON's "\ud800") is no character UTF-8 can carry: Redis keys, logs and the

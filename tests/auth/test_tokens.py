@@ -514,6 +514,77 @@ async def test_act_as_outside_the_issuer_allowlist_is_forbidden_also_from_the_ca
         assert auth.signature_checks == 2
 
 
+# --- per-issuer user id namespace --------------------------------------------------------------------
+
+OWN = "https://own.example"
+PARTNER = "https://partner.example"
+
+
+def namespaced_settings(**partner: Any) -> Any:
+    """Return settings with an own issuer (no prefix) and a partner issuer with the prefix "partner:"."""
+    return settings_for(
+        hs_issuer(issuer=OWN),
+        hs_issuer(OTHER_HS_SECRET, issuer=PARTNER, user_id_prefix="partner:", **partner),
+    )
+
+
+def partner_token(**overrides: Any) -> str:
+    """Return a token of the partner issuer."""
+    return sign(claims(iss=PARTNER, **overrides), OTHER_HS_SECRET, "HS256")
+
+
+async def test_issuer_prefix_is_prepended_to_the_user_id_also_from_the_cache(clock: FakeClock) -> None:
+    own_token = sign(claims(sub="alice", iss=OWN), HS_SECRET, "HS256")
+    async with started(namespaced_settings(), clock) as auth:
+        for _ in range(2):  # the second time from the verified-token cache: the prefixed principal
+            partner = await auth.authenticate(f"Bearer {partner_token(sub='alice')}")
+            own = await auth.authenticate(f"Bearer {own_token}")
+            assert (partner.user_id, own.user_id) == ("partner:alice", "alice")
+        assert auth.signature_checks == 2
+
+
+async def test_act_as_of_a_prefixed_issuer_stays_in_its_namespace(clock: FakeClock) -> None:
+    service = partner_token(sub="partner-gw", scope="convai:session convai:act-as")
+    async with started(namespaced_settings(), clock) as auth:
+        for target in ("alice", "partner:alice", "other:bob"):
+            acting = await auth.authenticate(f"Bearer {service}", target)
+            assert (acting.user_id, acting.actor) == (f"partner:{target}", "partner:partner-gw")
+
+
+async def test_user_id_too_long_with_the_prefix_is_a_401(clock: FakeClock) -> None:
+    longest = 256 - len("partner:")
+    async with started(namespaced_settings(), clock) as auth:
+        fits = await auth.authenticate(f"Bearer {partner_token(sub='a' * longest)}")
+        assert len(fits.user_id) == 256
+        for _ in range(2):
+            with pytest.raises(AuthenticationFailed) as info:
+                await auth.authenticate(f"Bearer {partner_token(sub='a' * (longest + 1))}")
+            assert info.value.reason == "invalid claim: sub"
+        # Without the prefix the same length is a valid user id of the own issuer.
+        own = sign(claims(sub="a" * (longest + 1), iss=OWN), HS_SECRET, "HS256")
+        assert (await auth.authenticate(f"Bearer {own}")).user_id == "a" * (longest + 1)
+
+
+async def test_issuer_without_a_prefix_cannot_name_a_user_of_a_prefixed_one(clock: FakeClock) -> None:
+    forged = sign(claims(sub="partner:alice", iss=OWN), HS_SECRET, "HS256")
+    async with started(namespaced_settings(), clock) as auth:
+        for _ in range(2):
+            with pytest.raises(AuthenticationFailed) as info:
+                await auth.authenticate(f"Bearer {forged}")
+            assert info.value.reason == "invalid claim: sub"
+        # Another separator, or the prefix elsewhere, is no other issuer's namespace.
+        for sub in ("partner-alice", "Partner:alice", "x:partner:alice"):
+            token = sign(claims(sub=sub, iss=OWN), HS_SECRET, "HS256")
+            assert (await auth.authenticate(f"Bearer {token}")).user_id == sub
+
+
+async def test_prefix_applies_to_the_configured_user_claim(clock: FakeClock) -> None:
+    settings = settings_for(hs_issuer(user_id_prefix="t1:"), jwt_user_claim="uid")
+    token = sign(claims(sub="ignored", uid="alice"), HS_SECRET, "HS256")
+    async with started(settings, clock) as auth:
+        assert (await auth.authenticate(f"Bearer {token}")).user_id == "t1:alice"
+
+
 # --- acting for a user ------------------------------------------------------------------------------
 
 
