@@ -163,8 +163,9 @@ def _mask_configured_secrets(settings: Settings) -> None:
 
 def _warn_of_unbounded_issuers(settings: Settings) -> None:
     # With several issuers, one that may grant act-as lets whoever controls it impersonate the users of all
-    # the others. A lone issuer is left alone: its API gateway's service token needs act-as, and there are no
-    # other issuers whose users it could take over.
+    # the others, and two that share a user id namespace let each name the other's users (OIDC: a `sub` is
+    # unique only within its issuer). A lone issuer is left alone: its API gateway's service token needs
+    # act-as, and there are no other issuers whose users it could take over.
     if len(settings.issuers) < 2:
         return
     # Several issuers all have a name (settings refuses them otherwise); the name is the iss, never a secret.
@@ -177,6 +178,16 @@ def _warn_of_unbounded_issuers(settings: Settings) -> None:
             len(settings.issuers),
             ", ".join(unbounded),
             ACT_AS_SCOPE,
+        )
+    # Prefixes are unique (settings refuses a shared one), so only issuers without one can share a namespace.
+    unprefixed = [str(config.issuer) for config in settings.issuers if config.user_id_prefix is None]
+    if len(unprefixed) >= 2:
+        logger.warning(
+            "%d token issuers are configured, and %s share one user id namespace: a token of one may name a user "
+            "of another (the same sub is the same user, whatever the issuer); give each issuer but one a "
+            "user_id_prefix in [[issuers]] (JWT_USER_ID_PREFIX for the environment issuer)",
+            len(settings.issuers),
+            ", ".join(unprefixed),
         )
 
 

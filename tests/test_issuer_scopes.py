@@ -97,14 +97,28 @@ PARTNER_ENTRY = f'[[issuers]]\nissuer = "{PARTNER}"\nhs256_secret_env = "PARTNER
 SESSIONS_ONLY = 'allowed_scopes = ["convai:session"]\n'
 
 
+PREFIXED = 'user_id_prefix = "partner:"\n'
+
+
+def act_as_warnings(lines: list[str]) -> list[str]:
+    """Return the warnings about issuers that may grant act-as."""
+    return [line for line in lines if "convai:act-as" in line]
+
+
+def namespace_warnings(lines: list[str]) -> list[str]:
+    """Return the warnings about issuers sharing the un-prefixed user id namespace."""
+    return [line for line in lines if "user_id_prefix" in line]
+
+
 def test_warning_names_each_issuer_that_may_grant_act_as_without_an_allowlist(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (warning,) = warnings_at_start(tmp_path, caplog, PARTNER_ENTRY + SESSIONS_ONLY, JWT_ISSUER=OWN)
+    toml = PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED
+    (warning,) = warnings_at_start(tmp_path, caplog, toml, JWT_ISSUER=OWN)
     assert OWN in warning and PARTNER not in warning
     assert "convai:act-as" in warning and "allowed_scopes" in warning and "JWT_ALLOWED_SCOPES" in warning
     assert TEST_JWT_SECRET not in warning and PARTNER_SECRET not in warning
-    (both,) = warnings_at_start(tmp_path, caplog, PARTNER_ENTRY, JWT_ISSUER=OWN)
+    (both,) = act_as_warnings(warnings_at_start(tmp_path, caplog, PARTNER_ENTRY, JWT_ISSUER=OWN))
     assert OWN in both and PARTNER in both
 
 
@@ -113,8 +127,11 @@ def test_warning_names_each_issuer_that_may_grant_act_as_without_an_allowlist(
     [
         ("", {}),  # one issuer: its API gateway's token needs act-as, and there is no other issuer to attack
         (PARTNER_ENTRY, {"JWT_HS256_SECRET": ""}),  # one issuer, from the file (empty: unset)
-        (PARTNER_ENTRY + SESSIONS_ONLY, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING}),  # act-as chosen
-        (PARTNER_ENTRY + SESSIONS_ONLY, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": "convai:history"}),
+        (PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING}),
+        (
+            PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED,
+            {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": "convai:history"},
+        ),
     ],
     ids=["environment-only", "file-only", "act-as-listed", "all-bounded"],
 )
@@ -122,3 +139,60 @@ def test_no_warning_when_no_second_issuer_or_every_issuer_is_bounded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, env: dict[str, str]
 ) -> None:
     assert warnings_at_start(tmp_path, caplog, toml, **env) == []
+
+
+THIRD = "https://third.example"
+THIRD_ENTRY = f'[[issuers]]\nissuer = "{THIRD}"\nhs256_secret_env = "PARTNER_SECRET"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "sharing"),
+    [
+        (PARTNER_ENTRY + SESSIONS_ONLY, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING}, [OWN, PARTNER]),
+        (
+            PARTNER_ENTRY + SESSIONS_ONLY + "\n" + THIRD_ENTRY + SESSIONS_ONLY,
+            {"JWT_HS256_SECRET": ""},
+            [PARTNER, THIRD],
+        ),
+        (
+            PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED + "\n" + THIRD_ENTRY + SESSIONS_ONLY,
+            {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING},
+            [OWN, THIRD],
+        ),
+    ],
+    ids=["environment-and-file", "two-from-the-file", "two-of-three"],
+)
+def test_warning_names_the_issuers_sharing_the_unprefixed_namespace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, env: dict[str, str], sharing: list[str]
+) -> None:
+    lines = warnings_at_start(tmp_path, caplog, toml, **env)
+    assert act_as_warnings(lines) == []  # every issuer is bounded: this warning is the namespace one alone
+    (warning,) = lines
+    assert warning == namespace_warnings(lines)[0]
+    assert [iss for iss in (OWN, PARTNER, THIRD) if iss in warning] == sharing
+    assert "JWT_USER_ID_PREFIX" in warning
+    assert TEST_JWT_SECRET not in warning and PARTNER_SECRET not in warning
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        (PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED, {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING}),
+        (
+            PARTNER_ENTRY + SESSIONS_ONLY + PREFIXED,
+            {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": ACTING, "JWT_USER_ID_PREFIX": "own:"},
+        ),
+        (PARTNER_ENTRY + PREFIXED, {"JWT_HS256_SECRET": ""}),  # one issuer, with a prefix
+        ("", {"JWT_USER_ID_PREFIX": "own:"}),
+    ],
+    ids=["one-unprefixed", "all-prefixed", "file-only", "environment-only"],
+)
+def test_no_namespace_warning_when_at_most_one_issuer_is_unprefixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, env: dict[str, str]
+) -> None:
+    assert namespace_warnings(warnings_at_start(tmp_path, caplog, toml, **env)) == []
+
+
+def test_both_warnings_when_both_apply(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lines = warnings_at_start(tmp_path, caplog, PARTNER_ENTRY, JWT_ISSUER=OWN)
+    assert len(lines) == 2 and len(act_as_warnings(lines)) == 1 and len(namespace_warnings(lines)) == 1
