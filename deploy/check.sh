@@ -229,6 +229,20 @@ expect_render_failure "an unknown scope in an issuer's allowedScopes" "${ISSUER[
 expect_render_failure "an empty issuer allowedScopes (leave it out for every scope)" "${ISSUER[@]}" \
     --set-json 'gatewayToml.issuers[0].allowedScopes=[]'
 expect_render_failure "an unknown scope in config.jwt.allowedScopes" --set 'config.jwt.allowedScopes={convai:sesion}'
+expect_render_failure "an issuer userIdPrefix without the ':' separator" "${ISSUER[@]}" \
+    --set 'gatewayToml.issuers[0].userIdPrefix=partner'
+expect_render_failure "an issuer userIdPrefix with a character outside A-Z a-z 0-9 . _ -" "${ISSUER[@]}" \
+    --set 'gatewayToml.issuers[0].userIdPrefix=part/ner:'
+expect_render_failure "an issuer userIdPrefix longer than 32 characters" "${ISSUER[@]}" \
+    --set "gatewayToml.issuers[0].userIdPrefix=$(printf 'p%.0s' {1..32}):"
+expect_render_failure "an empty issuer userIdPrefix (leave it out for none)" "${ISSUER[@]}" \
+    --set 'gatewayToml.issuers[0].userIdPrefix='
+expect_render_failure "two issuers sharing a userIdPrefix" "${ISSUER[@]}" --set 'gatewayToml.issuers[0].userIdPrefix=p:' \
+    --set 'gatewayToml.issuers[1].issuer=https://q.example' --set 'gatewayToml.issuers[1].jwksUrl=https://q.example/jwks' \
+    --set 'gatewayToml.issuers[1].userIdPrefix=p:'
+expect_render_failure "an issuer sharing config.jwt.userIdPrefix" "${ISSUER[@]}" --set 'gatewayToml.issuers[0].userIdPrefix=p:' \
+    --set 'config.jwt.userIdPrefix=p:'
+expect_render_failure "a config.jwt.userIdPrefix with two separators" --set 'config.jwt.userIdPrefix=a:b:'
 expect_render_failure "a secret in the env ConfigMap" --set config.extraEnv.ELEVENLABS_API_KEY=sk_live
 expect_render_failure "a chart-managed name in extraEnv" --set config.extraEnv.PORT=9000
 expect_render_failure "a secret-looking name in extraEnv" --set config.extraEnv.PARTNER_HS256_SECRET=x
@@ -585,6 +599,13 @@ check(
         None,
     ],
     "full-values: the issuers' allowedScopes do not reach the gateway as configured",
+)
+# The user id prefixes reach the gateway: JWT_USER_ID_PREFIX for the environment issuer, user_id_prefix for two
+# of the file's issuers, and none (the user id is the claim) for the third, which leaves userIdPrefix out.
+check(
+    full is not None
+    and [i.user_id_prefix for i in full.issuers] == ["own:", "partner-a:", "partner-b.eu_1:", None],
+    "full-values: the issuers' userIdPrefix do not reach the gateway as configured",
 )
 for exposed in ("loadbalancer", "nodeport-metrics-on-http"):
     docs = [d for d in yaml.safe_load_all(open(os.path.join(work, f"{exposed}.yaml"))) if d]

@@ -127,6 +127,9 @@ public_key_file = {{ printf "/etc/convai-gateway/keys/%s" .publicKeyFile | toJso
 {{- if .allowedScopes }}
 allowed_scopes = {{ .allowedScopes | toJson }}
 {{- end }}
+{{- if .userIdPrefix }}
+user_id_prefix = {{ .userIdPrefix | toJson }}
+{{- end }}
 {{- end }}
 {{- range $name, $policy := .Values.gatewayToml.rateLimits }}
 
