@@ -15,23 +15,11 @@ from typing import Any
 
 import pytest
 
-from service.dev_tokens import mint_token
 from service.observability import user_hash
 from tests.observability.support import access_log_records
 from tests.support.gateway import Gateway
+from tests.support.issuers import ACTING, LIST, OWN, SIGNED_URL, own_and_partner, partner_headers
 from tests.test_act_as import audit_records
-
-OWN = "https://own.example"
-PARTNER = "https://partner.example"
-PARTNER_SECRET = "partner-secret-0123456789abcdef0123456789"
-SIGNED_URL = "/v1/convai/conversation/get-signed-url"
-LIST = "/v1/convai/conversations"
-ACTING = "convai:session convai:history convai:act-as"
-
-
-def partner_headers(sub: str, scopes: str = "convai:session convai:history") -> dict[str, str]:
-    """Return an Authorization header with a token of issuer B (the prefixed partner)."""
-    return {"Authorization": f"Bearer {mint_token(PARTNER_SECRET, sub, scopes=scopes, issuer=PARTNER)}"}
 
 
 @pytest.fixture
@@ -39,13 +27,7 @@ async def two_issuers(
     tmp_path: Path, make_gateway: Callable[..., AbstractAsyncContextManager[Gateway]]
 ) -> AsyncIterator[Gateway]:
     """Yield a gateway trusting its own issuer (no prefix) and a partner whose user ids get "partner:"."""
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[[issuers]]\nissuer = "{PARTNER}"\nhs256_secret_env = "PARTNER_SECRET"\nuser_id_prefix = "partner:"\n'
-    )
-    async with make_gateway(
-        JWT_ISSUER=OWN, GATEWAY_CONFIG=str(config), PARTNER_SECRET=PARTNER_SECRET
-    ) as gateway:
+    async with own_and_partner(tmp_path, make_gateway, 'user_id_prefix = "partner:"') as gateway:
         yield gateway
 
 

@@ -10,21 +10,18 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from service.dev_tokens import mint_token
 from service.settings import load_settings
 from tests.support.gateway import TEST_JWT_SECRET, Gateway
-
-OWN = "https://own.example"
-PARTNER = "https://partner.example"
-PARTNER_SECRET = "partner-secret-0123456789abcdef0123456789"
-SIGNED_URL = "/v1/convai/conversation/get-signed-url"
-LIST = "/v1/convai/conversations"
-ACTING = "convai:session convai:history convai:act-as"
-
-
-def partner_headers(sub: str, scopes: str) -> dict[str, str]:
-    """Return an Authorization header with a token of the partner issuer."""
-    return {"Authorization": f"Bearer {mint_token(PARTNER_SECRET, sub, scopes=scopes, issuer=PARTNER)}"}
+from tests.support.issuers import (
+    ACTING,
+    LIST,
+    OWN,
+    PARTNER,
+    PARTNER_SECRET,
+    SIGNED_URL,
+    own_and_partner,
+    partner_headers,
+)
 
 
 @pytest.fixture
@@ -32,14 +29,7 @@ async def two_issuers(
     tmp_path: Path, make_gateway: Callable[..., AbstractAsyncContextManager[Gateway]]
 ) -> AsyncIterator[Gateway]:
     """Yield a gateway trusting its own issuer (environment, no allowlist) and a partner bound to sessions."""
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[[issuers]]\nissuer = "{PARTNER}"\nhs256_secret_env = "PARTNER_SECRET"\n'
-        'allowed_scopes = ["convai:session"]\n'
-    )
-    async with make_gateway(
-        JWT_ISSUER=OWN, GATEWAY_CONFIG=str(config), PARTNER_SECRET=PARTNER_SECRET
-    ) as gateway:
+    async with own_and_partner(tmp_path, make_gateway, 'allowed_scopes = ["convai:session"]') as gateway:
         yield gateway
 
 
