@@ -144,15 +144,20 @@ def test_workers_write_structured_access_logs(served: Served) -> None:
     assert len(access) == 10
 
 
-def slow_list_in_flight(
-    emulator_url: str, base: str, delay: float
-) -> tuple[threading.Thread, dict[str, Any]]:
-    """Start a history listing whose upstream answers after `delay` s; return once upstream has received it."""
+def slow_next_list(emulator_url: str, delay: float) -> None:
+    """Make the emulator answer the next conversation list after `delay` s, and forget its recorded requests."""
     httpx.post(
         f"{emulator_url}/_emulator/faults",
         json={"endpoint": "list", "kind": "slow", "delay_seconds": delay, "times": 1},
     ).raise_for_status()
     httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+
+
+def slow_list_in_flight(
+    emulator_url: str, base: str, delay: float
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start a history listing whose upstream answers after `delay` s; return once upstream has received it."""
+    slow_next_list(emulator_url, delay)
     token = mint_token(TEST_JWT_SECRET, "alice")
     result: dict[str, Any] = {}
 
@@ -486,11 +491,7 @@ def test_a_refusal_carries_the_cors_headers_the_app_gives_the_same_origin(
 def test_a_request_pipelined_behind_a_refused_one_is_never_served(served: Served, emulator_url: str) -> None:
     # The refusal closes the connection, so nothing read after it may reach the app: a DELETE pipelined there
     # would run although its client is told the connection ended before it.
-    httpx.post(
-        f"{emulator_url}/_emulator/faults",
-        json={"endpoint": "list", "kind": "slow", "delay_seconds": 0.5, "times": 1},
-    ).raise_for_status()
-    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+    slow_next_list(emulator_url, 0.5)
     token = mint_token(TEST_JWT_SECRET, "alice").encode()
     listing = (
         b"GET /v1/convai/conversations HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer %s\r\n" % token
@@ -635,11 +636,7 @@ def _refusals_counted_on(sock: socket.socket, status: int) -> float:
 def test_a_client_gone_before_a_plain_response_is_logged_499(served: Served, emulator_url: str) -> None:
     # A JSON route never reads `receive` after its body, and uvicorn drops what is sent to a closed connection
     # without an error: only the server knows the client left. The line must say so, as nginx's 499 does.
-    httpx.post(
-        f"{emulator_url}/_emulator/faults",
-        json={"endpoint": "list", "kind": "slow", "delay_seconds": 1.0, "times": 1},
-    ).raise_for_status()
-    httpx.delete(f"{emulator_url}/_emulator/requests").raise_for_status()
+    slow_next_list(emulator_url, 1.0)
     request_id = "gone-" + secrets.token_hex(8)
     token = mint_token(TEST_JWT_SECRET, "alice")
     with _connect(served) as sock:
