@@ -7,6 +7,7 @@ uvicorn runs in-process with the protocol, so a route can hold its response open
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -68,6 +69,18 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return received
 
 
+@contextlib.contextmanager
+def held_connection() -> Iterator[tuple[threading.Event, AccessLogWaiter, socket.socket]]:
+    """Serve an app whose /held response waits for the event; yield the event, the access log and a connection."""
+    release = threading.Event()
+    with (
+        access_log_records() as waiter,
+        serve(held_response_app(release), lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
+        yield release, waiter, sock
+
+
 @pytest.mark.parametrize(
     ("pipelined", "status"),
     [
@@ -79,26 +92,20 @@ def read_until_closed(sock: socket.socket) -> bytes:
 def test_refusal_of_a_pipelined_request_waits_for_the_response_in_progress(
     header_timeout: None, pipelined: bytes, status: bytes
 ) -> None:
-    release = threading.Event()
-    app = held_response_app(release)
-    with (
-        access_log_records() as waiter,
-        serve(app, lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server,
-    ):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\n" + pipelined)
-            first = sock.recv(65536)
-            assert first.startswith(b"HTTP/1.1 200 "), first
-            if status == b"408":
-                # The header deadline passes while the response is held; nothing may be written into it.
-                sock.settimeout(1.5)
-                with pytest.raises(TimeoutError):
-                    sock.recv(65536)
-                sock.settimeout(10)
-            # Held back, the refusal is not logged yet: its line comes with its bytes, once.
-            assert waiter.records == []
-            release.set()
-            rest = read_until_closed(sock)
+    with held_connection() as (release, waiter, sock):
+        sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\n" + pipelined)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        if status == b"408":
+            # The header deadline passes while the response is held; nothing may be written into it.
+            sock.settimeout(1.5)
+            with pytest.raises(TimeoutError):
+                sock.recv(65536)
+            sock.settimeout(10)
+        # Held back, the refusal is not logged yet: its line comes with its bytes, once.
+        assert waiter.records == []
+        release.set()
+        rest = read_until_closed(sock)
     response, _, refusal = (first + rest).partition(b"0\r\n\r\n")  # the end of the chunked 200
     assert response.endswith(b"1\r\nb\r\n"), response
     assert refusal.startswith(b"HTTP/1.1 " + status + b" "), refusal[:80]
@@ -109,17 +116,11 @@ def test_an_unparsable_pipelined_request_is_refused_after_the_response_in_progre
     header_timeout: None,
 ) -> None:
     # Its 400 was written at once: before the valid request's response, which was then never sent.
-    release = threading.Event()
-    app = held_response_app(release)
-    with (
-        access_log_records() as waiter,
-        serve(app, lifespan="off", ws="none", http=HeaderDeadlineProtocol) as server,
-    ):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\nGARBAGE\r\n\r\n")
-            first = sock.recv(65536)
-            release.set()
-            rest = read_until_closed(sock)
+    with held_connection() as (release, waiter, sock):
+        sock.sendall(b"GET /held HTTP/1.1\r\nHost: gateway\r\n\r\nGARBAGE\r\n\r\n")
+        first = sock.recv(65536)
+        release.set()
+        rest = read_until_closed(sock)
     assert first.startswith(b"HTTP/1.1 200 "), first[:80]
     response, _, refusal = (first + rest).partition(b"0\r\n\r\n")  # the end of the chunked 200
     assert response.endswith(b"1\r\nb\r\n"), response
