@@ -351,22 +351,24 @@ def cluster_down_on(nodes: list[RedisServer], key: str) -> Iterator[sync_redis.R
     node = next(n for n in nodes if n.port == port).client()
     try:
         node.cluster("delslots", slot)
-        # Condition wait: the master leaves the `ok` state in its next event-loop turn.
-        deadline = time.monotonic() + 10
-        while node.cluster("info")["cluster_state"] != "fail":
-            assert time.monotonic() < deadline, "the master never reported the cluster down"
-            time.sleep(0.01)
+        # The master leaves the `ok` state in its next event-loop turn.
+        wait_for_cluster_state(node, "fail")
         # The other masters still assign the slot to it: the topology clients read stays complete.
         with contextlib.closing(next(n for n in nodes if n.port != port).client()) as other:
             assert other.cluster("info")["cluster_state"] == "ok"
         yield node
     finally:
         node.cluster("addslots", slot)
-        deadline = time.monotonic() + 10
-        while node.cluster("info")["cluster_state"] != "ok":
-            assert time.monotonic() < deadline, "the master never recovered"
-            time.sleep(0.01)
+        wait_for_cluster_state(node, "ok")
         node.close()
+
+
+def wait_for_cluster_state(node: sync_redis.Redis, state: str) -> None:
+    """Wait (up to 10 s) until `node` reports `state` as its cluster state."""
+    deadline = time.monotonic() + 10
+    while node.cluster("info")["cluster_state"] != state:
+        assert time.monotonic() < deadline, f"the master never reported cluster_state {state}"
+        time.sleep(0.01)  # condition wait: the node changes state in its next event-loop turn
 
 
 def scripts_seen(node: sync_redis.Redis) -> int:
