@@ -74,6 +74,12 @@ _ZERO_PARENT_ID: Final = b"0" * 16
 
 _AnyMetric = TypeVar("_AnyMetric", Counter, Gauge, Histogram)
 
+
+def _method_label(method: str) -> str:
+    """Return `method` as logs and metrics name it: itself when a known method, else OTHER."""
+    return method if method in _KNOWN_METHODS else "OTHER"
+
+
 # Set in a request's scope state by the server protocol when the client's connection closes before the response
 # has ended (`mark_client_gone`): a route that never reads `receive` again would otherwise not know.
 CLIENT_GONE: Final = "convai_client_gone"
@@ -164,7 +170,7 @@ class Metrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP request and record its duration under its route template."""
-        label = method.upper() if method.upper() in _KNOWN_METHODS else "OTHER"
+        label = _method_label(method.upper())
         self._child(self.http_requests, label, route, str(status)).inc()
         self._child(self.http_duration, label, route).observe(max(0.0, seconds))
 
@@ -172,8 +178,7 @@ class Metrics:
         """Count one request the HTTP layer refused below the app (408, 431, 400) under the route `unmatched`."""
         # Counted, not timed: a 408's duration is the header deadline at the client's pace, and a slowloris
         # burst of them would page as a slow gateway (ConvaiGatewaySlow) although no served request was slow.
-        label = method if method in _KNOWN_METHODS else "OTHER"
-        self._child(self.http_requests, label, UNMATCHED_ROUTE, str(status)).inc()
+        self._child(self.http_requests, _method_label(method), UNMATCHED_ROUTE, str(status)).inc()
 
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         """Count one upstream call and record its latency."""
@@ -672,7 +677,7 @@ def record_refused_request(
     if metrics is not None:
         metrics.count_refused_request(method, status)
     fields: dict[str, Any] = {
-        "method": method if method in _KNOWN_METHODS else "OTHER",
+        "method": _method_label(method),
         "route": UNMATCHED_ROUTE,
         "status": status,
     }
@@ -762,12 +767,7 @@ class RequestContextMiddleware:
                     offered = value
             elif name == b"traceparent":
                 traceparent = value if traceparent is None else b""
-        offered_id = offered.decode("latin-1") if offered is not None else None
-        request_id = (
-            offered_id
-            if offered_id is not None and _REQUEST_ID_RE.fullmatch(offered_id)
-            else uuid.uuid4().hex
-        )
+        request_id = request_id_for(offered.decode("latin-1") if offered is not None else None)
         trace_id = _trace_id(traceparent) if traceparent is not None else None
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -840,7 +840,7 @@ class RequestContextMiddleware:
         principal = state.get("principal")
         user_id = getattr(principal, "user_id", None)
         fields: dict[str, Any] = {
-            "method": method if method in _KNOWN_METHODS else "OTHER",
+            "method": _method_label(method),
             "route": route,
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
