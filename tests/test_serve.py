@@ -25,7 +25,7 @@ from service.dev_tokens import mint_token
 from service.server_protocol import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import TEST_JWT_SECRET, gateway_env
-from tests.support.servers import free_port
+from tests.support.servers import child_pids, free_port, is_running, kill_process_group
 
 ALLOWED_ORIGIN = "https://app.example"
 
@@ -107,15 +107,14 @@ def serving(
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
+            start_new_session=True,  # its own process group, so that teardown reaches the workers too
         )
         base = f"http://127.0.0.1:{port}"
         try:
             wait_until_ready(base, process)
             yield Served(base, process, log_path)
         finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=20)
+            kill_process_group(process)
 
 
 def test_workers_share_one_set_of_metrics(served: Served) -> None:
@@ -656,3 +655,16 @@ def test_a_client_gone_before_a_plain_response_is_logged_499(served: Served, emu
     assert line["status"] == 499
     assert line["client_disconnected"] is True
     assert line["route"] == "/v1/convai/conversations"
+
+
+def test_serving_leaves_no_worker_behind(emulator_url: str, redis_url: str, tmp_path: Path) -> None:
+    # The tests' own hygiene: a supervisor killed alone orphaned its workers, and a day of test runs filled memory.
+    with serving(emulator_url, redis_url, tmp_path, workers=2) as served:
+        deadline = time.monotonic() + 10
+        while len(workers := child_pids(served.process.pid)) < 2:
+            assert time.monotonic() < deadline, "serve never started its workers"
+            time.sleep(0.05)  # polling a child process's start-up
+    deadline = time.monotonic() + 10
+    while alive := [pid for pid in workers if is_running(pid)]:
+        assert time.monotonic() < deadline, f"workers left behind: {alive}"
+        time.sleep(0.05)  # condition wait: the kernel reaps orphans through init

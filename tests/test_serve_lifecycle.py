@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.healthcheck import healthz_url
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import gateway_env
-from tests.support.servers import free_port
+from tests.support.servers import free_port, kill_process_group
 from tests.test_serve import _read_response, _read_until_closed, slow_list_in_flight, wait_until_ready
 
 LIST = "/v1/convai/conversations"
@@ -68,6 +68,7 @@ class Serve:
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             preexec_fn=limit_open_files,
+            start_new_session=True,  # its own process group, so that close() reaches the workers too
         )
 
     def log_lines(self) -> list[dict[str, Any]]:
@@ -82,9 +83,7 @@ class Serve:
             time.sleep(0.02)  # polling a child process's log file
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=20)
+        kill_process_group(self.process)
         self._log.close()
 
 

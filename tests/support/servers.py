@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -318,3 +319,36 @@ def serve(app: Any, **kwargs: Any) -> Iterator[ServedApp]:
         yield served
     finally:
         served.stop()
+
+
+def kill_process_group(process: subprocess.Popen[Any]) -> None:
+    """Kill a process started with start_new_session=True, with every process it started, and reap it."""
+    # Killing `serve`'s supervisor alone orphans its uvicorn workers and multiprocessing trackers (~50 MB each):
+    # a test run left dozens behind, and a day of runs filled the machine's memory.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=20)
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    # The command name, in parentheses, may hold spaces: the fields after its closing one are fixed (state,
+    # parent id, ...).
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the ids of the processes whose parent is `pid` (read from /proc)."""
+    children = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if int(_stat_fields(entry.name)[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """Tell whether process `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
