@@ -11,8 +11,9 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -773,6 +774,131 @@ def _check_redis_options(reader: _Reader, url: str) -> None:
             f"REDIS_URL: unsupported query option(s) {listed} (supported: "
             f"{', '.join(sorted(SUPPORTED_REDIS_OPTIONS))}); URL not shown"
         )
+    _check_redis_values(reader, parts)
+
+
+# How redis-py reads a boolean URL option (its `to_bool`): these words mean false, in any case, and any other value
+# true, so `ssl_check_hostname=off` (or a typo) verified hostnames and `socket_keepalive=off` turned keep-alive on.
+# Only the spellings redis-py reads for what they say are accepted.
+_URL_FALSE: Final = frozenset({"0", "f", "false", "n", "no"})
+_URL_TRUE: Final = frozenset({"1", "t", "true", "y", "yes"})
+_BOOLEAN: Final = "true or false (or yes/no, y/n, t/f, 1/0)"
+
+# redis-py compares ssl_cert_reqs with these names as given: any other value failed every TLS connection with a
+# RedisError, which the limiter takes for a Redis outage, so the gateway never refused it.
+SSL_CERT_REQS: Final = ("none", "optional", "required")
+
+# ssl_min_version is the number of an ssl.TLSVersion, which redis-py sets as `SSLContext.minimum_version` on each
+# connection: OpenSSL refused other numbers there (every connection failing), and the versions below TLS 1.2 are
+# deprecated (Python warns on each connection, and the default context already refuses them).
+SSL_MIN_VERSIONS: Final = {int(ssl.TLSVersion.TLSv1_2): "TLS 1.2", int(ssl.TLSVersion.TLSv1_3): "TLS 1.3"}
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
+# Redis refuses a CLIENT SETNAME with spaces, newlines or anything outside printable ASCII: redis-py sends the
+# name on every new connection, so each one failed.
+_CLIENT_NAME = re.compile(r"[!-~]+")
+
+
+def _verify_flags(value: str) -> bool:
+    # As redis-py's parse_ssl_verify_flags reads them: `VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN`, brackets
+    # allowed. It accepts any attribute of ssl.VerifyFlags (`name`, `__doc__`), which then fails each connection.
+    flags = value.replace("[", "").replace("]", "").split(",")
+    return all(flag.strip() in ssl.VerifyFlags.__members__ for flag in flags)
+
+
+_VERIFY_FLAGS: Final = f"a comma-separated list of {', '.join(ssl.VerifyFlags.__members__)}"
+
+
+# What each supported REDIS_URL option's value may be, as (test, what the problem says is allowed); options
+# missing here take any value (names, passwords, file paths: those are checked by loading them).
+_REDIS_OPTION_VALUES: Final[dict[str, tuple[Callable[[str], object], str]]] = {
+    "db": (_DIGITS.fullmatch, "a database number (0 or more)"),
+    "max_connections": (lambda v: _DIGITS.fullmatch(v) and int(v) > 0, "a positive integer"),
+    "health_check_interval": (_DIGITS.fullmatch, "a whole number of seconds (0 or more)"),
+    "socket_keepalive": (lambda v: v.lower() in _URL_TRUE | _URL_FALSE, _BOOLEAN),
+    "client_name": (_CLIENT_NAME.fullmatch, "printable ASCII without spaces (Redis refuses other names)"),
+    "ssl_check_hostname": (lambda v: v.lower() in _URL_TRUE | _URL_FALSE, _BOOLEAN),
+    "ssl_cert_reqs": (lambda v: v in SSL_CERT_REQS, "none, optional or required"),
+    "ssl_min_version": (
+        lambda v: _DIGITS.fullmatch(v) and int(v) in SSL_MIN_VERSIONS,
+        " or ".join(f"{number} ({name})" for number, name in SSL_MIN_VERSIONS.items()),
+    ),
+    "ssl_include_verify_flags": (_verify_flags, _VERIFY_FLAGS),
+    "ssl_exclude_verify_flags": (_verify_flags, _VERIFY_FLAGS),
+}
+
+
+class _EncryptedKeyError(Exception):
+    """The client key asks for a passphrase, which a REDIS_URL cannot give."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _EncryptedKeyError
+
+
+def _check_redis_tls(reader: _Reader, options: Mapping[str, str]) -> None:
+    # Builds the TLS context as redis-py's RedisSSLContext.get does on the first connection, so a file that is
+    # missing or not PEM, or a cipher list that selects nothing, is refused here rather than failing each
+    # connection (a RedisError: the limiter falls back, the ledger answers 503, and nothing names the cause).
+    context = ssl.create_default_context()
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if keyfile and not certfile:
+        reader.problems.append(
+            "REDIS_URL: the query option ssl_keyfile needs ssl_certfile too; URL not shown"
+        )
+    elif certfile:
+        try:
+            context.load_cert_chain(certfile, keyfile, password=_refuse_passphrase)
+        except _EncryptedKeyError:
+            reader.problems.append(
+                "REDIS_URL: the key of ssl_certfile/ssl_keyfile is encrypted and a URL cannot give its passphrase;"
+                " use an unencrypted key file; URL not shown"
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            reader.problems.append(
+                "REDIS_URL: ssl_certfile/ssl_keyfile must name a readable PEM client certificate and its key "
+                f"({_tls_reason(exc)}); URL not shown"
+            )
+    ca_certs, ca_path = options.get("ssl_ca_certs"), options.get("ssl_ca_path")
+    if ca_path and not Path(ca_path).is_dir():
+        # OpenSSL takes a missing directory without complaint, and then verifies no server certificate.
+        reader.problems.append(
+            "REDIS_URL: ssl_ca_path must name a directory of CA certificates; URL not shown"
+        )
+    elif ca_certs or ca_path:
+        try:
+            context.load_verify_locations(cafile=ca_certs, capath=ca_path)
+        except (OSError, ValueError) as exc:
+            reader.problems.append(
+                f"REDIS_URL: ssl_ca_certs must name a readable PEM file of CA certificates ({_tls_reason(exc)});"
+                " URL not shown"
+            )
+    ciphers = options.get("ssl_ciphers")
+    if ciphers is not None:
+        try:
+            context.set_ciphers(ciphers)
+        except ssl.SSLError:
+            reader.problems.append(
+                "REDIS_URL: ssl_ciphers must be an OpenSSL cipher list selecting at least one cipher; URL not shown"
+            )
+
+
+def _tls_reason(exc: Exception) -> str:
+    # strerror for a file that cannot be opened, OpenSSL's reason code for one that does not parse: neither holds
+    # the file's content or the URL.
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or "not PEM")
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+
+
+def _check_redis_values(reader: _Reader, parts: SplitResult) -> None:
+    # Every occurrence is checked (redis-py uses the first). Values are never echoed; only what is allowed is.
+    query = parse_qs(parts.query)
+    for name, (valid, allowed) in _REDIS_OPTION_VALUES.items():
+        if not all(valid(value) for value in query.get(name, ())):
+            reader.problems.append(f"REDIS_URL: the query option {name} must be {allowed}; URL not shown")
+    if parts.scheme == "rediss":
+        _check_redis_tls(reader, {name: values[0] for name, values in query.items()})
 
 
 def _redis(reader: _Reader, data: Any) -> RedisTopology:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.servers import RedisServer
+from tests.support.tls import TlsFiles, write_tls_files
 
 if TYPE_CHECKING:
     from tests.support.gateway import Gateway
@@ -25,6 +26,12 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """Write a private CA, a server certificate for 127.0.0.1 and a client certificate, once per session."""
+    return write_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -88,6 +88,18 @@ def test_a_redis_url_overriding_the_redis_timeout_exits_2_without_its_password(c
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_bad_tls_option_in_redis_url_exits_2_naming_it_without_the_url(command: str) -> None:
+    # redis-py took `ssl_cert_reqs=bogus` and failed each connection later; `serve` never got to start either.
+    url = "rediss://:redis-url-pass-8c7d@127.0.0.1:1/0?ssl_cert_reqs=bogus&ssl_check_hostname=maybe"
+    result = run_cli(command, env={**VALID_ENV, "REDIS_URL": url})
+    assert result.returncode == 2, result.stderr
+    assert "REDIS_URL: the query option ssl_cert_reqs must be none, optional or required" in result.stderr
+    assert "REDIS_URL: the query option ssl_check_hostname must be true or false" in result.stderr
+    assert "redis-url-pass" not in result.stdout + result.stderr and "bogus" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_without_api_key_exits_2_with_a_clear_error() -> None:
     env = {k: v for k, v in VALID_ENV.items() if k != "ELEVENLABS_API_KEY"}
     result = run_cli("serve", env=env)

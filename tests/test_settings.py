@@ -22,6 +22,7 @@ from service.settings import (
     load_settings,
 )
 from tests.auth.support import FakeClock, PrivateKey, claims, public_pem, sign
+from tests.support.tls import TlsFiles
 
 GOOD = {
     "ELEVENLABS_API_KEY": "xi-key",
@@ -245,9 +246,82 @@ def test_redis_url_options_its_scheme_cannot_take_are_refused(url: str, option: 
     assert "hunter2-url-pass" not in problem and "/etc/ca.pem" not in problem
 
 
-def test_tls_options_are_kept_on_a_rediss_url() -> None:
-    url = "rediss://127.0.0.1:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem&socket_keepalive=true"
+def test_tls_options_are_kept_on_a_rediss_url(tls_files: TlsFiles) -> None:
+    url = (
+        f"rediss://127.0.0.1:6380/0?ssl_cert_reqs=required&ssl_ca_certs={tls_files.ca}&socket_keepalive=true"
+    )
     assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
+
+
+# Values redis-py would take and then fail on: at start with its own ValueError (which names no variable), on
+# every connection (a RedisError the limiter takes for an outage), or silently (`to_bool` reads any word it does
+# not know as true).
+BAD_REDIS_OPTION_VALUES = [
+    ("ssl_cert_reqs=bogus", "ssl_cert_reqs", "none, optional or required"),
+    ("ssl_cert_reqs=REQUIRED", "ssl_cert_reqs", "none, optional or required"),  # compared as given
+    ("ssl_min_version=bogus", "ssl_min_version", "771 (TLS 1.2) or 772 (TLS 1.3)"),
+    ("ssl_min_version=5", "ssl_min_version", "771 (TLS 1.2) or 772 (TLS 1.3)"),  # OpenSSL refuses it
+    ("ssl_min_version=769", "ssl_min_version", "771 (TLS 1.2) or 772 (TLS 1.3)"),  # TLS 1.0: deprecated
+    ("ssl_min_version=7_71", "ssl_min_version", "771 (TLS 1.2)"),  # int() would take it
+    ("ssl_check_hostname=maybe", "ssl_check_hostname", "true or false"),
+    ("ssl_check_hostname=off", "ssl_check_hostname", "true or false"),  # redis-py reads it as true
+    ("socket_keepalive=off", "socket_keepalive", "true or false"),
+    ("ssl_include_verify_flags=VERIFY_BOGUS", "ssl_include_verify_flags", "VERIFY_X509_STRICT"),
+    ("ssl_exclude_verify_flags=__doc__", "ssl_exclude_verify_flags", "VERIFY_X509_STRICT"),
+    (
+        "ssl_include_verify_flags=VERIFY_X509_STRICT,,VERIFY_X509_PARTIAL_CHAIN",
+        "ssl_include_verify_flags",
+        "comma-separated",
+    ),
+    ("ssl_ciphers=NOT-A-CIPHER", "ssl_ciphers", "selecting at least one cipher"),
+    ("ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs", "readable PEM file of CA certificates"),
+    ("ssl_ca_path=/nonexistent/certs", "ssl_ca_path", "directory of CA certificates"),
+    ("ssl_certfile=/nonexistent/client.pem", "ssl_certfile", "readable PEM client certificate"),
+    ("ssl_keyfile=/nonexistent/client.key", "ssl_keyfile", "needs ssl_certfile"),
+    ("db=x", "db", "a database number"),
+    ("db=-1", "db", "a database number"),
+    ("max_connections=0", "max_connections", "a positive integer"),
+    ("max_connections=ten", "max_connections", "a positive integer"),
+    ("health_check_interval=1.5", "health_check_interval", "a whole number of seconds"),
+    ("client_name=gateway%20one", "client_name", "printable ASCII without spaces"),
+    ("ssl_cert_reqs=required&ssl_cert_reqs=bogus", "ssl_cert_reqs", "none, optional or required"),
+]
+
+
+@pytest.mark.parametrize(("query", "option", "allowed"), BAD_REDIS_OPTION_VALUES)
+def test_bad_redis_url_option_values_are_named_with_what_is_allowed(
+    query: str, option: str, allowed: str
+) -> None:
+    found = problems({**GOOD, "REDIS_URL": f"rediss://:hunter2-url-pass@127.0.0.1:6380/0?{query}"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert option in problem and allowed in problem
+    value = query.rpartition("=")[2]
+    assert "hunter2-url-pass" not in problem and "127.0.0.1" not in problem and value not in problem
+
+
+def test_an_unreadable_or_encrypted_client_key_is_refused(tls_files: TlsFiles) -> None:
+    base = f"rediss://127.0.0.1:6380/0?ssl_certfile={tls_files.client_cert}"
+    not_pem = problems({**GOOD, "REDIS_URL": f"{base}&ssl_keyfile={tls_files.ca}"})
+    assert [p for p in not_pem if "ssl_certfile/ssl_keyfile must name" in p], not_pem
+    # OpenSSL would prompt for the passphrase on the terminal, on each connection.
+    encrypted = problems({**GOOD, "REDIS_URL": f"{base}&ssl_keyfile={tls_files.encrypted_client_key}"})
+    assert [p for p in encrypted if "is encrypted" in p], encrypted
+
+
+def test_good_redis_url_option_values_are_kept(tls_files: TlsFiles) -> None:
+    options = (
+        f"ssl_cert_reqs=required&ssl_ca_certs={tls_files.ca}&ssl_ca_path={tls_files.directory}"
+        f"&ssl_certfile={tls_files.client_cert}&ssl_keyfile={tls_files.client_key}&ssl_check_hostname=YES"
+        "&ssl_min_version=772&ssl_ciphers=ECDHE%2BAESGCM&socket_keepalive=0&db=3&max_connections=20"
+        "&health_check_interval=0&client_name=gateway-1"
+        "&ssl_include_verify_flags=[VERIFY_X509_STRICT, VERIFY_X509_PARTIAL_CHAIN]"
+        "&ssl_exclude_verify_flags=VERIFY_X509_TRUSTED_FIRST"
+    )
+    url = f"rediss://user:pass@127.0.0.1:6380/0?{options}"
+    assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
+    for value in ("none", "optional"):
+        url = f"rediss://127.0.0.1:6380?ssl_cert_reqs={value}&ssl_check_hostname=f&ssl_min_version=771"
+        assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
 
 
 def test_a_redis_url_option_name_that_looks_like_no_option_is_not_echoed() -> None:

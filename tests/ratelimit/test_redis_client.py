@@ -14,9 +14,13 @@ from redis.asyncio.sentinel import Sentinel
 from service.ratelimit import Hit, RedisRateLimiter
 from service.redis_client import close_redis, create_redis
 from service.redis_pipeline import PipeliningRedis
-from service.settings import GATEWAY_OWNED_REDIS_OPTIONS, RedisTopology
+from service.settings import GATEWAY_OWNED_REDIS_OPTIONS, RedisTopology, load_settings
 from tests.ratelimit.conftest import policy
-from tests.support.servers import RedisSentinel, RedisServer
+from tests.support.servers import RedisSentinel, RedisServer, TlsRedisServer
+from tests.support.tls import TlsFiles
+
+# The variables load_settings needs besides REDIS_URL.
+SETTINGS_ENV = {"ELEVENLABS_API_KEY": "xi-key", "JWT_HS256_SECRET": "s" * 32, "ALLOWED_AGENT_IDS": "agent_a"}
 
 
 async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url: str) -> None:
@@ -73,6 +77,32 @@ async def test_a_unix_socket_url_connects_and_the_limiter_counts_there() -> None
     finally:
         server.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_rediss_url_whose_options_pass_the_check_connects_with_them(tls_files: TlsFiles) -> None:
+    # Every TLS option at once, as check-config accepts them: the check must not let through a value that
+    # redis-py would refuse or that would fail the connection.
+    server = TlsRedisServer(tls_files.ca, tls_files.server_cert, tls_files.server_key)
+    server.start()
+    try:
+        options = (
+            f"ssl_cert_reqs=required&ssl_ca_certs={tls_files.ca}&ssl_ca_path={tls_files.directory}"
+            f"&ssl_certfile={tls_files.client_cert}&ssl_keyfile={tls_files.client_key}&ssl_check_hostname=yes"
+            "&ssl_min_version=772&ssl_ciphers=ECDHE%2BAESGCM&socket_keepalive=true&max_connections=5"
+            "&health_check_interval=30&client_name=gw-tls"
+            "&ssl_include_verify_flags=VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN"
+            "&ssl_exclude_verify_flags=[VERIFY_X509_TRUSTED_FIRST]"
+        )
+        env = {**SETTINGS_ENV, "REDIS_URL": f"rediss://127.0.0.1:{server.tls_port}/2?{options}"}
+        client = create_redis(load_settings(env).redis, timeout=2.0)
+        try:
+            assert await client.ping()
+            assert await client.client_getname() == "gw-tls"
+            assert (await client.client_info())["db"] == 2
+        finally:
+            await close_redis(client)
+    finally:
+        server.close()
 
 
 @pytest.fixture

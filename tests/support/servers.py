@@ -120,6 +120,22 @@ class RedisServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class TlsRedisServer(RedisServer):
+    """A private redis-server that also serves TLS (client certificates required) on a second free port."""
+
+    def __init__(self, ca: Path, cert: Path, key: Path) -> None:
+        self.tls_port = free_port()
+        super().__init__(
+            extra_args=(
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "yes",
+            )
+        )  # fmt: skip
+
+
 class RedisSentinel(RedisServer):
     """A `redis-server --sentinel` on a free loopback port monitoring one master, with short failover timings.
 
