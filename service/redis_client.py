@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import time
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -181,19 +181,19 @@ class FollowingSentinelPool(SentinelConnectionPool):
 
 
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
-    # Credentials and the database of the master come from REDIS_URL when one is given alongside.
-    master_kwargs: dict[str, Any] = {**_DECODING, **_timeouts(timeout, client_class)}
+    # A REDIS_URL given alongside says everything about the master but where it is (the sentinels name it):
+    # credentials, database, TLS and every other supported option reach its connections, max_connections its
+    # pool. Only credentials and the database used to be taken, the rest (client_name, ssl_*...) silently lost.
+    master_kwargs: dict[str, Any] = {}
     if topology.url:
-        parts = urlsplit(topology.url)
-        if parts.username:
-            master_kwargs["username"] = unquote(parts.username)
-        if parts.password:
-            master_kwargs["password"] = unquote(parts.password)
-        database = parts.path.lstrip("/")
-        if database.isdigit():
-            master_kwargs["db"] = int(database)
-        if parts.scheme == "rediss":
+        master_kwargs.update(parse_url(topology.url))
+        for where in ("host", "port", "path", "connection_class"):
+            master_kwargs.pop(where, None)
+        if urlsplit(topology.url).scheme == "rediss":
+            # SentinelConnectionPool then connects with SentinelManagedSSLConnection, which takes the ssl_*.
             master_kwargs["ssl"] = True
+    # Settings refuse the URL options the gateway sets; applied last, the gateway's win regardless.
+    master_kwargs.update({**_DECODING, **_timeouts(timeout, client_class)})
     sentinel = Sentinel(list(topology.sentinels), sentinel_kwargs=_timeouts(timeout))  # type: ignore[no-untyped-call]
     client = sentinel.master_for(
         topology.sentinel_service or "mymaster",

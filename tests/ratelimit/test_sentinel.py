@@ -19,9 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import ResponseError
 
 from service.ledger import decode_entry, ledger_key
+from service.redis_client import close_redis, create_redis
+from service.settings import RedisTopology
 from tests.conftest import EMULATOR_API_KEY
 from tests.support.gateway import Gateway, run_gateway
 from tests.support.servers import (
@@ -31,6 +34,7 @@ from tests.support.servers import (
     sentinel_group,
     wait_for,
 )
+from tests.support.tls import TlsFiles
 
 SERVICE = "gwmaster"
 SIGNED_URL = "/v1/convai/conversation/get-signed-url"
@@ -156,6 +160,38 @@ async def test_rate_limits_and_ledger_work_through_sentinel(
         assert limited.status_code == 429, limited.text
         assert limited.json()["code"] == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
         assert (await mint(gw, "bob")).status_code == 200  # another user has its own budget
+
+
+async def test_redis_url_options_reach_the_master_connections_through_sentinel(group: SentinelGroup) -> None:
+    # REDIS_URL alongside the sentinels: only its credentials and database used to be taken, the other options
+    # silently dropped.
+    url = "redis://127.0.0.1/3?client_name=gw-sentinel&health_check_interval=30&max_connections=7&socket_keepalive=y"
+    topology = RedisTopology(url=url, sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=float(REDIS_TIMEOUT_MS) / 1000)
+    try:
+        await client.set("sentinel-options", "1")
+        with contextlib.closing(group.master.client()) as admin:
+            ours = [c for c in admin.client_list() if c["name"] == "gw-sentinel"]
+            assert ours and all(c["db"] == "3" for c in ours), admin.client_list()
+        pool = client.connection_pool
+        assert pool.max_connections == 7
+        assert pool.connection_kwargs["health_check_interval"] == 30
+        assert pool.connection_kwargs["socket_keepalive"] is True
+    finally:
+        await close_redis(client)
+
+
+def test_tls_options_of_redis_url_reach_the_master_pool_through_sentinel(tls_files: TlsFiles) -> None:
+    # No TLS sentinel group here (a sentinel names the master's plaintext port): the pool is built, not used.
+    url = f"rediss://:pw@primary/0?ssl_ca_certs={tls_files.ca}&ssl_cert_reqs=required&ssl_min_version=772"
+    topology = RedisTopology(url=url, sentinels=(("127.0.0.1", 1),), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=0.5)
+    pool = client.connection_pool
+    assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+    kwargs = pool.connection_kwargs
+    assert kwargs["ssl_ca_certs"] == str(tls_files.ca) and kwargs["ssl_cert_reqs"] == "required"
+    assert kwargs["ssl_min_version"] == 772 and kwargs["password"] == "pw"
+    assert "host" not in kwargs and "port" not in kwargs  # the sentinels name the master
 
 
 # ------------------------------------------------------------------------------------------------ failover

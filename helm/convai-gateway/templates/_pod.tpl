@@ -19,7 +19,7 @@ env:
         optional: true
   {{- if and (ne .Values.redis.mode "none") (or $existing .Values.redis.url) }}
   # url and cluster modes need it (a missing key stops the pod rather than leaving each replica with its own
-  # limits and ledger); with Sentinel it carries only the primary's password, database and TLS, if any.
+  # limits and ledger); with Sentinel it carries the primary's password, database, TLS and query options, if any.
   - name: REDIS_URL
     valueFrom:
       secretKeyRef:
