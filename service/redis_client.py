@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -38,6 +39,8 @@ from service.settings import RedisTopology
 # What a client built here (standalone, Sentinel or Cluster) raises when Redis is unusable: callers catch
 # these and degrade (the limiter) or fail closed (the ledger); anything else is a bug.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+logger = logging.getLogger("service.redis_client")
 
 # Attribute on a Sentinel-backed client holding its Sentinel, so `close_redis` can close both.
 _SENTINEL_ATTR = "_convai_sentinel"
@@ -137,6 +140,8 @@ class FollowingSentinelPool(SentinelConnectionPool):
     recheck_seconds = SENTINEL_RECHECK_SECONDS
     _checked_at = -float("inf")
     _recheck: asyncio.Task[None] | None = None
+    # Whether the last background recheck found no master (logged once when it starts, once when it ends).
+    _sentinels_failing = False
 
     async def get_connection(self, *args: Any, **options: Any) -> Connection:
         """Return a connection to the master, asking the sentinels in the background if the last answer is old."""
@@ -154,8 +159,23 @@ class FollowingSentinelPool(SentinelConnectionPool):
         try:
             # Sets master_address and closes the idle connections when the master moved.
             await self.get_master_address()  # type: ignore[no-untyped-call]
-        except REDIS_ERRORS:
-            pass  # no master known right now: connecting asks again and fails its command if need be
+        except REDIS_ERRORS as exc:
+            # No master known right now: connecting asks again and fails its command if need be. While the
+            # master itself answers, commands keep succeeding and nothing else would tell that a failover can
+            # no longer be followed; said once, not every recheck. The error's type only: its text may hold
+            # a sentinel's reply.
+            if not self._sentinels_failing:
+                self._sentinels_failing = True
+                logger.warning(
+                    "Redis Sentinel: no sentinel named the master of %r (%s); a failover would not be followed "
+                    "until one does",
+                    self.service_name,
+                    type(exc).__name__,
+                )
+        else:
+            if self._sentinels_failing:
+                self._sentinels_failing = False
+                logger.info("Redis Sentinel: the sentinels name the master of %r again", self.service_name)
         finally:
             self._recheck = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -192,6 +193,52 @@ def test_tls_options_of_redis_url_reach_the_master_pool_through_sentinel(tls_fil
     assert kwargs["ssl_ca_certs"] == str(tls_files.ca) and kwargs["ssl_cert_reqs"] == "required"
     assert kwargs["ssl_min_version"] == 772 and kwargs["password"] == "pw"
     assert "host" not in kwargs and "port" not in kwargs  # the sentinels name the master
+
+
+# ----------------------------------------------------------------------------------- the background recheck
+
+
+async def recheck_rounds(client: Any, rounds: int) -> None:
+    """Send commands until the client's pool has asked the sentinels `rounds` more times in the background."""
+    pool = client.connection_pool
+    done = 0
+    last = pool._checked_at
+    deadline = time.monotonic() + FAILOVER_DEADLINE_SECONDS
+    while done < rounds:
+        assert time.monotonic() < deadline, f"only {done} sentinel rechecks"
+        await client.set("recheck", "1")  # the master stays up: each command may start a recheck
+        task = pool._recheck
+        if task is not None:
+            await asyncio.wait([task])
+        if pool._checked_at != last and pool._recheck is None:
+            done, last = done + 1, pool._checked_at
+        await asyncio.sleep(POLL_SECONDS / 5)  # the pace of the commands; rechecks come every recheck_seconds
+
+
+async def test_sentinels_that_stop_answering_are_logged_once_and_their_return_too(
+    group: SentinelGroup, caplog: pytest.LogCaptureFixture
+) -> None:
+    topology = RedisTopology(sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=0.5)
+    client.connection_pool.recheck_seconds = 0.05  # many rechecks in little time
+    caplog.set_level(logging.INFO, logger="service.redis_client")
+    try:
+        await recheck_rounds(client, 2)
+        assert not [r for r in caplog.records if r.name == "service.redis_client"]
+
+        group.sentinel.stop()
+        await recheck_rounds(client, 6)  # commands still succeed: only the sentinels are gone
+        failing = [r for r in caplog.records if r.name == "service.redis_client"]
+        assert [r.levelno for r in failing] == [logging.WARNING], failing
+        assert SERVICE in failing[0].getMessage()
+
+        group.sentinel.start()
+        await recheck_rounds(client, 4)
+        logged = [r for r in caplog.records if r.name == "service.redis_client"]
+        assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO], logged
+        assert SERVICE in logged[1].getMessage()
+    finally:
+        await close_redis(client)
 
 
 # ------------------------------------------------------------------------------------------------ failover
