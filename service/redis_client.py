@@ -18,7 +18,6 @@ A Sentinel client asks the sentinels which server is master at most every `SENTI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any, cast
@@ -194,10 +193,19 @@ class FollowingSentinelPool(SentinelConnectionPool):
     async def stop_rechecking(self) -> None:
         """Cancel a sentinel query in flight (the client is closing)."""
         task = self._recheck
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        caller = asyncio.current_task()
+        # Counted before: close_redis may run in a task already being cancelled (a shutdown's cleanup).
+        requested = caller.cancelling() if caller is not None else 0
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            # The recheck's own cancellation ends here. One requested of the caller while it waited arrives as
+            # the same exception and must go on: it was suppressed too, and close_redis carried on uncancelled.
+            if caller is not None and caller.cancelling() > requested:
+                raise
 
 
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -238,6 +239,66 @@ async def test_sentinels_that_stop_answering_are_logged_once_and_their_return_to
         assert [r.levelno for r in logged] == [logging.WARNING, logging.INFO], logged
         assert SERVICE in logged[1].getMessage()
     finally:
+        await close_redis(client)
+
+
+async def test_a_close_cancelled_while_it_stops_the_recheck_is_cancelled(group: SentinelGroup) -> None:
+    topology = RedisTopology(sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=5.0)
+    pool = client.connection_pool
+    assert group.sentinel.process is not None
+    try:
+        await client.set("recheck", "1")  # a pooled connection to the master, found through the sentinel
+        pool.recheck_seconds = 0  # every command starts a recheck
+        group.sentinel.process.send_signal(
+            signal.SIGSTOP
+        )  # the next recheck hangs: the sentinel never answers
+        await client.set("recheck", "2")
+        recheck = pool._recheck
+        assert recheck is not None
+        closing = asyncio.get_running_loop().create_task(close_redis(client))
+        while not recheck.cancelling():  # until close_redis has cancelled the recheck and waits for it
+            await asyncio.sleep(0)
+        closing.cancel()
+        # The recheck's cancellation was suppressed, and the caller's with it: close_redis carried on.
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    finally:
+        group.sentinel.process.send_signal(signal.SIGCONT)
+        await close_redis(client)
+
+
+async def test_a_close_in_the_cleanup_of_a_cancelled_task_still_runs_to_the_end(group: SentinelGroup) -> None:
+    # The caller's cancellation requested before the close began (a shutdown's cleanup) is not the close's to raise.
+    topology = RedisTopology(sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=5.0)
+    pool = client.connection_pool
+    assert group.sentinel.process is not None
+    closed = asyncio.Event()
+    started = asyncio.Event()
+
+    async def serve_then_close() -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            await close_redis(client)
+            closed.set()
+
+    try:
+        await client.set("recheck", "1")
+        pool.recheck_seconds = 0
+        group.sentinel.process.send_signal(signal.SIGSTOP)
+        await client.set("recheck", "2")
+        assert pool._recheck is not None  # in flight, hanging on the sentinel
+        serving = asyncio.get_running_loop().create_task(serve_then_close())
+        await started.wait()
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        assert closed.is_set()
+    finally:
+        group.sentinel.process.send_signal(signal.SIGCONT)
         await close_redis(client)
 
 
