@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -79,6 +81,23 @@ class Refusal:
     method: str  # as the parser read it, or OTHER before the request line was read
     request_id: str
     started: float | None  # loop time the refused request's header block began, when known
+
+
+class RequestIdLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger for one request's lines that carries the request id the app gave the request, once it has one."""
+
+    def __init__(self, logger: logging.Logger, scope: Mapping[str, Any]) -> None:
+        """Log through `logger`; the id is read, at each line, from the state of the request's `scope`."""
+        super().__init__(logger)
+        self._scope = scope
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        """Add the request's id to the line's extra fields, when the request got one."""
+        state = self._scope.get("state")
+        request_id = state.get("request_id") if isinstance(state, Mapping) else None
+        if isinstance(request_id, str):
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), "request_id": request_id}
+        return msg, kwargs
 
 
 @functools.cache
@@ -188,7 +207,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._refuse_over_capacity()
             return
         self._cancel_header_deadline()
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:
+            # uvicorn logs a response the app left unfinished ("ASGI callable returned without completing
+            # response") or an exception raised after it started ("Exception in ASGI application") only once
+            # the app has returned, when the request id's context is gone: the cycle's logger names it instead.
+            cycle.logger = RequestIdLogger(cycle.logger, cycle.scope)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         """Pass a body chunk to the request's cycle, unless the request was refused."""

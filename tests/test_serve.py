@@ -668,3 +668,38 @@ def test_serving_leaves_no_worker_behind(emulator_url: str, redis_url: str, tmp_
     while alive := [pid for pid in workers if is_running(pid)]:
         assert time.monotonic() < deadline, f"workers left behind: {alive}"
         time.sleep(0.05)  # condition wait: the kernel reaps orphans through init
+
+
+def _log_lines(served: Served) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in served.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_a_response_cut_short_is_logged_with_its_request_id_on_every_line(
+    served: Served, emulator_url: str
+) -> None:
+    # An upstream audio stream that fails once the headers went out: the gateway can only cut the body short,
+    # and uvicorn then logs an ERROR of its own, after the app (and its request context) returned.
+    created = httpx.post(f"{emulator_url}/_emulator/conversations", json={"user_id": "alice"})
+    conversation_id = created.json()["conversation_id"]
+    httpx.post(
+        f"{emulator_url}/_emulator/faults", json={"endpoint": "audio", "kind": "drop"}
+    ).raise_for_status()
+    request_id = "cut-" + secrets.token_hex(8)
+    token = mint_token(TEST_JWT_SECRET, "alice")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(
+            f"{served.base}/v1/convai/conversations/{conversation_id}/audio",
+            headers={"Authorization": f"Bearer {token}", "X-Request-ID": request_id},
+        )
+    deadline = time.monotonic() + 10
+    while not (errors := [line for line in _log_lines(served) if line["level"] == "ERROR"]):
+        assert time.monotonic() < deadline, "uvicorn never logged the incomplete response"
+        time.sleep(0.02)  # polling a child process's log file
+    assert [line["msg"] for line in errors] == ["ASGI callable returned without completing response."]
+    lines = _log_lines(served)
+    about_it = [line for line in lines if line["level"] in ("WARNING", "ERROR")]
+    assert {line.get("request_id") for line in about_it} == {request_id}, about_it
+    [access] = _access_lines(served, request_id)
+    assert (access["status"], access["incomplete"]) == (200, True)
+    text = served.log_path.read_text()
+    assert token not in text and EMULATOR_API_KEY not in text

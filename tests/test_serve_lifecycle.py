@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,9 +21,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.dev_tokens import mint_token
 from service.healthcheck import healthz_url
 from tests.conftest import EMULATOR_API_KEY
-from tests.support.gateway import gateway_env
+from tests.support.gateway import TEST_JWT_SECRET, gateway_env
 from tests.support.servers import free_port, kill_process_group
 from tests.test_serve import _read_response, _read_until_closed, slow_list_in_flight, wait_until_ready
 
@@ -144,6 +146,41 @@ def test_a_request_cut_off_at_the_graceful_timeout_gets_a_problem_and_no_error_t
         line for line in served.log_lines() if line["msg"].startswith("Exception in ASGI application")
     ]
     assert tracebacks == []
+
+
+def test_an_audio_stream_cut_off_at_the_graceful_timeout_is_logged_with_its_request_id(
+    start_serve: StartServe, emulator_url: str
+) -> None:
+    # Its headers went out, so the cancellation at the graceful timeout reaches uvicorn, which logs the
+    # traceback itself, after the app (and its request context) returned: that line must name the request too.
+    created = httpx.post(
+        f"{emulator_url}/_emulator/conversations", json={"user_id": "alice", "audio_size_bytes": 32 << 20}
+    )
+    conversation_id = created.json()["conversation_id"]
+    served = start_serve("--graceful-timeout", "1")
+    request_id = "stalled-" + secrets.token_hex(8)
+    token = mint_token(TEST_JWT_SECRET, "alice")
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/convai/conversations/%s/audio HTTP/1.1\r\nHost: gateway\r\nX-Request-ID: %s\r\n"
+            b"Authorization: Bearer %s\r\n\r\n"
+            % (conversation_id.encode(), request_id.encode(), token.encode())
+        )
+        # The listener reads the headers, then nothing more: the stream is in flight when shutdown begins.
+        assert sock.recv(16).startswith(b"HTTP/1.1 200")
+        served.process.send_signal(signal.SIGTERM)
+        served.process.wait(timeout=20)
+    # uvicorn's "Cancel 1 running task(s)" ERROR is about the server, not a request: it names none.
+    errors = [line for line in served.log_lines() if line["msg"].startswith("Exception in ASGI application")]
+    assert [(line["level"], line.get("request_id")) for line in errors] == [("ERROR", request_id)]
+    [access] = [
+        line
+        for line in served.log_lines()
+        if line["logger"] == "convai_gateway.access" and line["request_id"] == request_id
+    ]
+    assert (access["status"], access["incomplete"]) == (200, True)
+    text = served.log_path.read_text()
+    assert token not in text and EMULATOR_API_KEY not in text
 
 
 def test_new_connections_are_refused_while_workers_drain(start_serve: StartServe, emulator_url: str) -> None:
