@@ -375,7 +375,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ),
         uvicorn.Server(
             uvicorn.Config(
-                LoopbackHostMiddleware(gateway),
+                LoopbackHostMiddleware(gateway, record_refusals=True),
                 host="127.0.0.1",
                 port=args.port,
                 **gateway_server_options(),  # as in `serve`: what a developer sees is what production answers

@@ -20,6 +20,8 @@ from service.errors import (
     error_response,
     problem_response,
 )
+from service.observability import REQUEST_ID_HEADER, record_refused_request, request_id_for
+from service.state import Services
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024
 _HTTP1: Final = ("1.0", "1.1")
@@ -304,9 +306,10 @@ class LoopbackHostMiddleware:
     for, and a client can fix it by using a loopback name.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        """Wrap `app`; lifespan and other scope types pass through untouched."""
+    def __init__(self, app: ASGIApp, *, record_refusals: bool = False) -> None:
+        """Wrap `app`; with `record_refusals` (the gateway's) a 421 is logged and counted as every refusal is."""
         self.app = app
+        self.record_refusals = record_refusals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -323,11 +326,26 @@ class LoopbackHostMiddleware:
             await send({"type": "websocket.close", "code": _WS_POLICY_VIOLATION})
             return
         # The Host is not echoed (it is the attacker's text); the body is never read, so the connection closes.
+        headers = {**dict(_API_SECURITY_HEADERS), "Connection": "close"}
+        if self.record_refusals:
+            # Answered in front of the gateway app, whose middleware logs and counts every other request: a
+            # rebinding attempt must leave the same trace as a 408 or 431 (an access line, a count, an id).
+            offered = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+            request_id = request_id_for(offered.decode("latin-1") if offered is not None else None)
+            headers[REQUEST_ID_HEADER] = request_id
+            state = scope.get("state")
+            services = state.get("services") if isinstance(state, dict) else None
+            client = scope.get("client")
+            # Before the bytes leave, as below the app: a client holding the 421 finds its line and count.
+            record_refused_request(
+                services.metrics if isinstance(services, Services) else None,
+                method=str(scope.get("method", "")),
+                status=421,
+                request_id=request_id,
+                seconds=None,  # answered at once: no header block was timed, as for a 400 in a body
+                client_ip=str(client[0]) if client else None,
+            )
         response = problem_response(
-            421,
-            "misdirected_request",
-            "Misdirected request",
-            MISDIRECTED_DETAIL,
-            headers={**dict(_API_SECURITY_HEADERS), "Connection": "close"},
+            421, "misdirected_request", "Misdirected request", MISDIRECTED_DETAIL, headers=headers
         )
         await response(scope, receive, send)

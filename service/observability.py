@@ -175,7 +175,7 @@ class Metrics:
         self._child(self.http_duration, label, route).observe(max(0.0, seconds))
 
     def count_refused_request(self, method: str, status: int) -> None:
-        """Count one request the HTTP layer refused below the app (408, 431, 400) under the route `unmatched`."""
+        """Count one request refused below the app (408, 431, 400, 503; dev's 421) under the route `unmatched`."""
         # Counted, not timed: a 408's duration is the header deadline at the client's pace, and a slowloris
         # burst of them would page as a slow gateway (ConvaiGatewaySlow) although no served request was slow.
         self._child(self.http_requests, _method_label(method), UNMATCHED_ROUTE, str(status)).inc()

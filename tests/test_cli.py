@@ -20,6 +20,7 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth import Authenticator
 from service.settings import load_settings
@@ -398,3 +399,48 @@ def test_dev_ignores_x_forwarded_for_as_serve_does() -> None:
         reader.join(timeout=20)
     access = json.loads(line)
     assert access["client_ip"] == "127.0.0.1", access
+
+
+def test_dev_logs_and_counts_a_misdirected_request_like_every_other_refusal() -> None:
+    # The 421 is answered in front of the gateway app (whose middleware logs and counts every request): it
+    # wrote no access line and no count, so a DNS-rebinding attempt left no trace an operator could see.
+    request_id = "rebound-" + secrets.token_hex(8)
+    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev:
+        output = dev.process.stdout
+        assert output is not None
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for printed in output:
+                lines.put(printed)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        refused = httpx.get(
+            f"http://127.0.0.1:{dev.port}/v1/convai/conversations?page_size=5",
+            headers={"Host": "evil.example", "X-Request-ID": request_id},
+        )
+        assert refused.status_code == 421
+        assert refused.headers["x-request-id"] == request_id
+        # Counted before its bytes left, like the refusals of `serve`'s HTTP layer.
+        metrics = httpx.get(f"http://127.0.0.1:{dev.port}/metrics").text
+        while True:  # the refusal's access line (queue.Empty after 10 s fails the test)
+            line = lines.get(timeout=10)
+            if request_id in line:
+                break
+        dev.process.terminate()
+        reader.join(timeout=20)
+    access = json.loads(line)
+    assert access["logger"] == "convai_gateway.access"
+    assert (access["status"], access["route"], access["method"]) == (421, "unmatched", "GET")
+    assert (access["user"], access["client_ip"], access["request_id"]) == (None, "127.0.0.1", request_id)
+    assert "evil.example" not in line and "page_size" not in line
+    counted = [
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "convai_gateway_http_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels == {"method": "GET", "route": "unmatched", "status": "421"}
+    ]
+    assert counted == [1.0]
