@@ -418,6 +418,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.emulator import create_emulator_app
+    from service.http_hygiene import LoopbackHostMiddleware, listens_on_loopback_only
 
     api_key = os.environ.get("ELEVENLABS_API_KEY", "").strip()
     if not api_key:
@@ -427,7 +428,12 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         print(
             f"emulator: accepting xi-api-key {api_key} (set ELEVENLABS_API_KEY to choose the key)", flush=True
         )
-    app = create_emulator_app(api_key, seed=not args.empty)
+    app: ASGIApp = create_emulator_app(api_key, seed=not args.empty)
+    if listens_on_loopback_only(args.host):
+        # As under `dev`: a web page can reach a loopback server through DNS rebinding, and the control API
+        # (/_emulator/...) needs no key. Bound to other addresses (docker compose's 0.0.0.0, where the gateway
+        # calls it as http://emulator:9000) it serves whatever names reach it.
+        app = LoopbackHostMiddleware(app)
     uvicorn.run(app, host=args.host, port=args.port, server_header=False, ws="websockets-sansio")
     return 0
 

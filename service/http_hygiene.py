@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import re
 from typing import Any, Final
 
@@ -294,6 +295,16 @@ MISDIRECTED_DETAIL: Final = (
     "this development server answers only requests addressed to localhost, *.localhost, 127.0.0.1 or [::1]"
 )
 _WS_POLICY_VIOLATION: Final = 1008
+
+
+def listens_on_loopback_only(host: str) -> bool:
+    """Tell whether a server bound to `host` is reachable through loopback only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (say, a container's) is served by whatever it resolves to
 
 
 class LoopbackHostMiddleware:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth import Authenticator
+from service.http_hygiene import listens_on_loopback_only
 from service.settings import load_settings
 from tests.auth.support import public_pem
 from tests.support.dev_command import running_dev_command
@@ -257,6 +258,67 @@ def test_emulator_runs_in_a_clean_environment_and_names_its_key() -> None:
         process.wait(timeout=20)
         assert process.stdout is not None
         process.stdout.close()
+
+
+def test_emulator_answers_only_requests_addressed_to_a_loopback_name() -> None:
+    # Like `dev`'s: on loopback, a page from evil.example whose name then resolves to 127.0.0.1 could otherwise
+    # drive the emulator (its control API needs no key) from the developer's browser.
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ELEVENLABS_", "JWT_", "REDIS_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "emulator", "--port", str(port)],
+        env={**clean, "ELEVENLABS_API_KEY": "xi-emulator-host-test"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/_emulator/faults", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "emulator never listened"
+                time.sleep(0.05)  # polling a child process's start-up
+        for host in (
+            "evil.example",
+            f"evil.example:{port}",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example",
+        ):
+            refused = httpx.post(f"{base}/_emulator/reset", json={}, headers={"Host": host}, timeout=10)
+            assert refused.status_code == 421, (host, refused.text)
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["code"] == "misdirected_request"
+        for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+            listed = httpx.get(
+                f"{base}/v1/convai/conversations",
+                headers={"Host": host, "xi-api-key": "xi-emulator-host-test"},
+                timeout=10,
+            )
+            assert listed.status_code == 200, host
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /v1/convai/conversation HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:200]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("host", "guarded"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True), ("LocalHost", True),
+     ("0.0.0.0", False), ("::", False), ("emulator", False), ("192.0.2.10", False)],  # noqa: S104
+)  # fmt: skip
+def test_emulator_checks_the_host_whenever_it_listens_on_loopback_only(host: str, guarded: bool) -> None:
+    # `--host 0.0.0.0` serves other machines by name (docker compose's gateway calls http://emulator:9000).
+    assert listens_on_loopback_only(host) is guarded
 
 
 @pytest.fixture
