@@ -463,6 +463,13 @@ def cmd_token(args: argparse.Namespace) -> int:
             f"{', '.join(sorted(allowed))}",
             file=sys.stderr,
         )
+    if issuer.user_id_prefix:
+        # The token carries the bare sub; the conversations, limits and logs are the prefixed user's.
+        print(
+            f"token: the gateway will see user id {issuer.user_id_prefix + args.sub!r} "
+            f"(JWT_USER_ID_PREFIX {issuer.user_id_prefix!r} + sub)",
+            file=sys.stderr,
+        )
     print(
         mint_token(
             issuer.hs256_secret.reveal(),

@@ -169,15 +169,26 @@ def _warn_of_unbounded_issuers(settings: Settings) -> None:
     if len(settings.issuers) < 2:
         return
     # Several issuers all have a name (settings refuses them otherwise); the name is the iss, never a secret.
-    unbounded = [str(config.issuer) for config in settings.issuers if config.allowed_scopes is None]
+    # What act-as reaches is the issuer's namespace (service.auth.act_as): a prefixed issuer's targets get its
+    # prefix, an unprefixed one's are taken as they come, "partner:alice" included.
+    prefixed_users = any(config.user_id_prefix for config in settings.issuers)
+    any_user = "any user, of any issuer" + (", prefixed user ids included" if prefixed_users else "")
+    unbounded = [
+        f"{config.issuer} ({any_user})"
+        if config.user_id_prefix is None
+        else f"{config.issuer} (only users under its prefix {config.user_id_prefix!r})"
+        for config in settings.issuers
+        if config.allowed_scopes is None
+    ]
     if unbounded:
         logger.warning(
-            "%d token issuers are configured, and %s may grant %s (impersonate any user, of any issuer) without "
-            "a scope allowlist; give every issuer allowed_scopes in [[issuers]] (JWT_ALLOWED_SCOPES for the "
-            "environment issuer)",
+            "%d token issuers are configured, and %d of them may grant %s without a scope allowlist, each "
+            "impersonating the users in brackets: %s; give every issuer allowed_scopes in [[issuers]] "
+            "(JWT_ALLOWED_SCOPES for the environment issuer)",
             len(settings.issuers),
-            ", ".join(unbounded),
+            len(unbounded),
             ACT_AS_SCOPE,
+            ", ".join(unbounded),
         )
     # Prefixes are unique (settings refuses a shared one), so only issuers without one can share a namespace.
     unprefixed = [str(config.issuer) for config in settings.issuers if config.user_id_prefix is None]

@@ -170,6 +170,19 @@ def test_token_warns_of_scopes_the_gateway_would_drop() -> None:
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_token_names_the_user_id_the_gateway_will_see_under_a_prefix() -> None:
+    # The gateway puts JWT_USER_ID_PREFIX in front of the sub: "bob" is the user "own:bob" there (its
+    # conversations, limits and X-On-Behalf-Of targets), which the token itself does not say.
+    result = run_cli("token", "--sub", "bob", env={**VALID_ENV, "JWT_USER_ID_PREFIX": "own:"})
+    assert result.returncode == 0, result.stderr
+    assert jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "bob"
+    assert (
+        result.stderr == "token: the gateway will see user id 'own:bob' (JWT_USER_ID_PREFIX 'own:' + sub)\n"
+    )
+    unprefixed = run_cli("token", "--sub", "bob", env=VALID_ENV)
+    assert unprefixed.returncode == 0 and unprefixed.stderr == ""
+
+
 def test_token_refuses_a_missing_or_short_secret() -> None:
     result = run_cli("token", "--sub", "bob", env={"JWT_HS256_SECRET": "short"})
     assert result.returncode == 2

@@ -113,6 +113,49 @@ def test_warning_names_each_issuer_that_may_grant_act_as_without_an_allowlist(
 
 
 @pytest.mark.parametrize(
+    ("toml", "env", "reach"),
+    [
+        # Unprefixed, its X-On-Behalf-Of may name anyone, "partner:alice" too; prefixed, only its own users.
+        (
+            PARTNER_ENTRY + PREFIXED,
+            {"JWT_ISSUER": OWN},
+            f"2 of them may grant convai:act-as without a scope allowlist, each impersonating the users in "
+            f"brackets: {OWN} (any user, of any issuer, prefixed user ids included), {PARTNER} (only users "
+            "under its prefix 'partner:'); ",
+        ),
+        (
+            PARTNER_ENTRY,
+            {"JWT_ISSUER": OWN, "JWT_USER_ID_PREFIX": "own:"},
+            f"2 of them may grant convai:act-as without a scope allowlist, each impersonating the users in "
+            f"brackets: {OWN} (only users under its prefix 'own:'), {PARTNER} (any user, of any issuer, prefixed "
+            "user ids included); ",
+        ),
+        (
+            PARTNER_ENTRY,
+            {"JWT_ISSUER": OWN},
+            f"2 of them may grant convai:act-as without a scope allowlist, each impersonating the users in "
+            f"brackets: {OWN} (any user, of any issuer), {PARTNER} (any user, of any issuer); ",
+        ),
+        (
+            PARTNER_ENTRY + PREFIXED,
+            {"JWT_ISSUER": OWN, "JWT_ALLOWED_SCOPES": "convai:history"},
+            f"1 of them may grant convai:act-as without a scope allowlist, each impersonating the users in "
+            f"brackets: {PARTNER} (only users under its prefix 'partner:'); ",
+        ),
+    ],
+    ids=["unprefixed-and-prefixed", "prefixed-and-unprefixed", "none-prefixed", "prefixed-only"],
+)
+def test_act_as_warning_names_the_users_each_issuer_can_reach(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, toml: str, env: dict[str, str], reach: str
+) -> None:
+    (warning,) = act_as_warnings(warnings_at_start(tmp_path, caplog, toml, **env))
+    assert warning == (
+        f"2 token issuers are configured, and {reach}give every issuer allowed_scopes in [[issuers]] "
+        "(JWT_ALLOWED_SCOPES for the environment issuer)"
+    )
+
+
+@pytest.mark.parametrize(
     ("toml", "env"),
     [
         ("", {}),  # one issuer: its API gateway's token needs act-as, and there is no other issuer to attack
