@@ -39,6 +39,7 @@ from service.errors import (
 from service.jwks import ALGORITHM_FAMILIES, JwksCache, VerificationKey, key_family
 from service.observability import audit
 from service.settings import ACT_AS_SCOPE, IssuerConfig, Settings, safe_url
+from service.validation import is_text
 
 logger = logging.getLogger("service.auth")
 
@@ -485,10 +486,12 @@ def _user_id(claims: Mapping[str, Any], claim: str, max_length: int = MAX_USER_I
     if (
         not isinstance(value, str)
         or len(value) > max_length
-        or any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
+        or not is_text(value)
+        or any(0xD800 <= ord(c) <= 0xDFFF for c in value)
     ):
-        # A lone surrogate (JSON's "\ud800") is no character UTF-8 can carry: Redis keys, logs and the
-        # upstream query would each replace it (another user's rate-limit bucket) or fail on it (a 500).
+        # Control characters, C1 ones (NEL) included, would reach audit lines as they are. A lone surrogate
+        # (JSON's "\ud800") is no character UTF-8 can carry: Redis keys, logs and the upstream query would
+        # each replace it (another user's rate-limit bucket) or fail on it (a 500).
         raise AuthenticationFailed(f"invalid claim: {claim}")
     return value
 

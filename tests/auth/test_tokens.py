@@ -359,6 +359,20 @@ async def test_user_claim_is_required_and_configurable(clock: FakeClock) -> None
         assert await rejection(auth, sign(claims(), HS_SECRET, "HS256")) == "missing claim: email"
 
 
+@pytest.mark.parametrize("sub", ["nul\x00", "del\x7f", "next\x85line", "csi\x9b31m", "a\u0080"])
+async def test_a_user_id_with_any_control_character_is_refused(clock: FakeClock, sub: str) -> None:
+    # README promises user ids without control characters: C1 ones (U+0080-U+009F, NEL among them) too, as
+    # for every other text the gateway takes. Audit lines carry the user id as it is.
+    async with started(settings_for(hs_issuer()), clock) as auth:
+        assert await rejection(auth, sign(claims(sub=sub), HS_SECRET, "HS256")) == "invalid claim: sub"
+
+
+async def test_a_user_id_of_any_other_text_is_accepted(clock: FakeClock) -> None:
+    sub = "José \u00a0東京 😀"  # a no-break space, CJK and an emoji are text, not controls
+    async with started(settings_for(hs_issuer()), clock) as auth:
+        assert (await auth.authenticate("Bearer " + sign(claims(sub=sub), HS_SECRET, "HS256"))).user_id == sub
+
+
 async def test_multiple_issuers_are_selected_by_iss(jwks: JwksServer, keys: Keys, clock: FakeClock) -> None:
     first = hs_issuer(issuer="https://a.example", audiences=("gw",))
     second = jwks_issuer(jwks.url, issuer="https://b.example", audiences=("gw-b",))
