@@ -90,7 +90,7 @@ ROWS: dict[str, Row] = {
     # Oversized identifiers and parameters.
     "conversation-id-10000-chars": Row(get(f"{CONVERSATIONS}/{'c' * 10_000}"), 422, INVALID),
     "agent-id-10000-chars": Row(get(f"{SIGNED_URL}?agent_id={'a' * 10_000}"), 422, INVALID),
-    "cursor-10000-chars": Row(get(f"{CONVERSATIONS}?cursor={'k' * 10_000}"), 422, INVALID),
+    "cursor-10000-chars": Row(get(f"{CONVERSATIONS}?cursor={'k' * 10_000}"), 422, "invalid_cursor"),
     "page-size-huge-number": Row(get(f"{CONVERSATIONS}?page_size={'9' * 400}"), 422, INVALID),
     # Unicode and control characters.
     "id-right-to-left-override": Row(get(f"{CONVERSATIONS}/%E2%80%AEconv"), 422, INVALID),

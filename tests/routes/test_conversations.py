@@ -625,6 +625,9 @@ INVALID_LIST_QUERIES: list[Query] = [
     [("tool_names", "tab\there")],
     [("tool_names", "t")] * 21,
     [("cursor", "not-a-cursor")],
+    # Edited past the longest cursor the gateway seals, or with a control character: not sealed here either.
+    [("cursor", "k" * 8193)],
+    [("cursor", "line\nbreak")],
     # A forged cursor whose payload nests 1,400 arrays: it once reached the JSON parser and escaped as a 500.
     [("cursor", base64.urlsafe_b64encode(b"[" * 1400).rstrip(b"=").decode() + "." + "A" * 43)],
 ]
