@@ -456,6 +456,23 @@ sentinel_service = "mymaster"
     assert settings.redis.configured
 
 
+def test_an_omitted_rate_limit_key_keeps_its_default_but_burst_follows_a_new_limit(tmp_path: Path) -> None:
+    # README: omitted keys keep their defaults, except burst, which follows a limit you set.
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[rate_limits.user-session]\nlimit = 20\n\n"
+        "[rate_limits.user-history]\nperiod_seconds = 30\n\n"
+        "[rate_limits.agent-session]\nburst = 7\n"
+    )
+    limits = load_settings({**GOOD, "GATEWAY_CONFIG": str(config)}).rate_limits
+    session = limits["user-session"]
+    assert (session.limit, session.period_seconds, session.burst) == (20, 60.0, 20)
+    history = limits["user-history"]
+    assert (history.limit, history.period_seconds, history.burst) == (120, 30.0, 120)
+    agent = limits["agent-session"]
+    assert (agent.limit, agent.period_seconds, agent.burst, agent.shadow) == (600, 60.0, 7, False)
+
+
 @pytest.mark.parametrize(
     ("toml", "fragment"),
     [
