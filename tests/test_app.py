@@ -310,3 +310,28 @@ def test_serve_factory_freezes_start_up_objects_out_of_gc_scans() -> None:
     )
     before, after = (int(n) for n in done.stdout.split())
     assert before == 0 and after > 10_000
+
+
+def test_the_served_app_never_imports_the_emulator() -> None:
+    # README and DESIGN: production code never imports service/emulator (only `dev`, `emulator` and the tests
+    # do). A child process, since this one has imported it already: every production module, then the app
+    # exactly as `serve` builds it.
+    script = (
+        "import importlib, pathlib, sys\n"
+        "import service\n"
+        "root = pathlib.Path(service.__file__).parent\n"
+        "for path in sorted(root.rglob('*.py')):\n"
+        "    parts = path.relative_to(root.parent).with_suffix('').parts\n"
+        "    if 'emulator' not in parts:\n"
+        "        importlib.import_module('.'.join(parts).removesuffix('.__init__'))\n"
+        "from service.app import app_from_environment\n"
+        "app_from_environment()\n"
+        "print(sorted(name for name in sys.modules if name.startswith('service.')))\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), **gateway_env("http://127.0.0.1:9", "xi-key", redis_url=None)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = done.stdout
+    assert "'service.routes.sessions'" in loaded and "'service.__main__'" in loaded
+    assert "service.emulator" not in loaded
