@@ -1,4 +1,5 @@
-"""README.md agrees with the code: settings, problem codes, metrics, command line and Helm values."""
+"""README.md agrees with the code: settings, problem codes and statuses, metrics, audit events, command line, Helm
+values, the paths it names and the hostile-input count."""
 
 from __future__ import annotations
 
@@ -132,24 +133,31 @@ def test_every_choice_setting_lists_its_default_and_choices() -> None:
             assert f"`{choice}`" in meaning, f"{name}: README does not list {choice!r}"
 
 
-def emitted_codes() -> set[str]:
-    """Return every problem `code` the service defines: exception classes and literal problem responses."""
-    codes: set[str] = set()
+def code_statuses() -> dict[str, set[int]]:
+    """Return every problem `code` the service defines, with its statuses: exception classes, literal problems."""
+    assert ERROR_MODULES  # imported so that GatewayError.__subclasses__ sees every error class
+    statuses: dict[str, set[int]] = {}
     pending: list[type[GatewayError]] = [GatewayError]
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
         if cls.__module__.startswith("service.") and not cls.__module__.startswith("service.emulator"):
-            codes.add(cls.code)
-    codes |= {code for code, _ in errors._HTTP_CODES.values()}
-    literal = re.compile(r'problem_response\(\s*\d{3},\s*"([a-z_]+)"|_refuse\(\s*\d{3},\s*"([a-z_]+)"')
+            statuses.setdefault(cls.code, set()).add(cls.status)
+    for status, (code, _) in errors._HTTP_CODES.items():
+        statuses.setdefault(code, set()).add(status)
+    literal = re.compile(r'(?:problem_response|_refuse)\(\s*(\d{3}),\s*"([a-z_]+)"')
     for path in (ROOT / "service").rglob("*.py"):
         if "emulator" in path.parts:
             continue
         for match in literal.finditer(path.read_text(encoding="utf-8")):
-            codes.add(match.group(1) or match.group(2))
+            statuses.setdefault(match.group(2), set()).add(int(match.group(1)))
+    return statuses
+
+
+def emitted_codes() -> set[str]:
+    """Return every problem `code` the service defines: exception classes and literal problem responses."""
     # errors._http_exception_handler's fallback for a status _HTTP_CODES does not list.
-    return codes | {"http_error"}
+    return set(code_statuses()) | {"http_error"}
 
 
 def test_readme_lists_every_problem_code_the_gateway_answers_and_no_other() -> None:
@@ -243,3 +251,69 @@ def test_the_helm_values_table_lists_every_value_that_becomes_an_environment_var
     assert missing == {}, (
         "values.yaml keys that set an environment variable, missing from README's Main values"
     )
+
+
+def gateway_prose() -> str:
+    """Return README without the emulator's section, whose codes and statuses are the emulator's own."""
+    emulator = section("Upstream emulator")
+    return README.replace(emulator, "")
+
+
+def test_every_status_and_code_the_prose_pairs_is_one_the_gateway_answers() -> None:
+    # "`403 insufficient_scope`", "503 `audio_streams_busy`": the code exists and comes with that status.
+    paired = re.compile(r"`([1-5][0-9]{2})\s+([a-z_]+)`|\b([1-5][0-9]{2}) `([a-z_]+)`")
+    statuses = code_statuses()
+    pairs = set()
+    for match in paired.finditer(gateway_prose()):
+        status, code = int(match.group(1) or match.group(3)), match.group(2) or match.group(4)
+        pairs.add((status, code))
+        assert code in statuses, f"README names {status} {code}, a code the gateway never answers"
+        assert status in statuses[code], (
+            f"README says {code} is a {status}; the gateway answers {statuses[code]}"
+        )
+    assert len(pairs) >= 10, "the pattern no longer finds README's status-and-code pairs"
+
+
+def test_every_metric_the_readme_names_is_exported() -> None:
+    # The series a scrape shows: a counter's _total, a histogram's _bucket, _count and _sum (and its name).
+    series = {"counter": ("_total",), "histogram": ("", "_bucket", "_count", "_sum")}
+    exported = set()
+    for wrapper in vars(Metrics(CollectorRegistry())).values():
+        if isinstance(wrapper, MetricWrapperBase):
+            exported |= {wrapper._name + suffix for suffix in series.get(str(wrapper._type), ("",))}
+    named = set(re.findall(r"\bconvai_gateway_[a-z_]+", README))
+    assert named - exported == set(), "README names metrics (or series) the gateway does not export"
+
+
+def test_every_audit_event_is_listed_and_every_listed_one_is_written() -> None:
+    written = set()
+    for path in (ROOT / "service").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        written |= set(re.findall(r'\b_?audit(?:_mint)?\(\s*"([a-z_]+)"', text))
+    line = next(line for line in section("Logs").splitlines() if "`convai_gateway.audit`" in line)
+    listed = set(re.findall(r"`([a-z_]+)`", line))
+    assert written, "the pattern no longer finds the audit events the service writes"
+    assert listed == written, "README's list of audit events differs from the events the service writes"
+
+
+# Outputs of a run, not files of the repository.
+GENERATED_PATHS = ("tests/artifacts/", "tests/perf/results/")
+
+
+def test_every_repository_path_the_readme_names_exists() -> None:
+    named = set(re.findall(r"`((?:\.ci|service|tests|deploy|helm)/[^`\s]*)`", README))
+    named |= set(re.findall(r"\]\(([^)#:]+)\)", README))  # relative Markdown links and images
+    assert len(named) > 20, "the pattern no longer finds README's paths"
+    missing = {path for path in named if not (ROOT / path).exists() and not path.startswith(GENERATED_PATHS)}
+    assert missing == set(), "README names paths that are not in the repository"
+
+
+def test_the_reliability_table_counts_the_hostile_input_rows() -> None:
+    tree = ast.parse((ROOT / "tests" / "reliability" / "test_hostile_input.py").read_text(encoding="utf-8"))
+    rows = next(
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "ROWS"
+    )
+    assert isinstance(rows, ast.Dict)
+    assert f"| hostile input | {len(rows.keys)}-row raw-socket table" in section("Reliability")
