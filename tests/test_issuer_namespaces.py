@@ -105,6 +105,26 @@ async def test_partner_act_as_acts_for_its_own_alice_only(
     assert act.__dict__["user"] == "partner:partner:alice"
 
 
+async def test_own_act_as_reaches_a_prefixed_user_by_the_prefixed_id(
+    two_issuers: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # README: the unprefixed issuer's act-as token (your API gateway's) may act for any user id, prefixed ones
+    # included; the header names the user id as stored, prefix and all.
+    caplog.set_level(logging.INFO, logger="convai_gateway.audit")
+    partner_conversation = await mint(two_issuers, partner_headers("alice"), "partner:alice")
+    own_conversation = await mint(two_issuers, own_headers(two_issuers, "alice"), "alice")
+    acting = own_headers(two_issuers, "api-gw", scopes=ACTING)
+    for _ in range(2):
+        for_partner = {**acting, "X-On-Behalf-Of": "partner:alice"}
+        assert await status_of(two_issuers, partner_conversation, for_partner) == 200
+        assert await status_of(two_issuers, own_conversation, for_partner) == 404
+        for_own = {**acting, "X-On-Behalf-Of": "alice"}
+        assert await status_of(two_issuers, own_conversation, for_own) == 200
+        assert await status_of(two_issuers, partner_conversation, for_own) == 404
+    acts = [(r.__dict__["actor"], r.__dict__["user"]) for r in audit_records(caplog, "act_as")]
+    assert acts == ([("api-gw", "partner:alice")] * 2 + [("api-gw", "alice")] * 2) * 2
+
+
 async def test_the_two_alices_have_rate_limits_of_their_own(two_issuers: Gateway) -> None:
     burst = two_issuers.settings.rate_limits["user-session"].burst
     statuses = []
