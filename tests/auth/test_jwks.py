@@ -137,6 +137,34 @@ async def test_refresh_failure_keeps_last_good_keys(jwks: JwksServer, keys: Keys
         assert cache.next_refresh_at <= clock.now + 5
 
 
+async def test_failed_fetches_back_off_5_s_doubling_to_30_s_unloaded_and_5_min_loaded(
+    jwks: JwksServer, clock: FakeClock
+) -> None:
+    # README: retried with backoff, 5 s doubling to 5 min; to 30 s at most while no key set has ever loaded
+    # (an unready pod gets no traffic whose unknown kid could trigger a refetch).
+    jwks.state.status = 503
+    async with started(settings_for(jwks_issuer(jwks.url)), clock) as auth:
+        cache = auth.jwks_caches[0]
+        delays = [cache.next_refresh_at - clock.now]
+        for _ in range(5):
+            clock.advance(delays[-1])
+            assert await cache.refresh_if_due()
+            delays.append(cache.next_refresh_at - clock.now)
+        assert delays == [5, 10, 20, 30, 30, 30]
+        assert not auth.readiness()[0]
+        jwks.state.status = 200
+        clock.advance(delays[-1])
+        assert await cache.refresh_if_due()
+        assert auth.readiness()[0]
+        jwks.state.status = 503
+        delays = []
+        for _ in range(9):
+            clock.advance(cache.next_refresh_at - clock.now)
+            assert await cache.refresh_if_due()
+            delays.append(cache.next_refresh_at - clock.now)
+        assert delays == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+
+
 async def test_jwks_server_gone_later_keeps_cached_keys(keys: Keys, clock: FakeClock) -> None:
     served = ServedApp(jwks_app(JwksServerState(keys=[public_jwk(keys.rsa, "k-rsa")])), ws="none").start()
     try:
