@@ -1,5 +1,5 @@
 """README.md agrees with the code: settings, problem codes and statuses, metrics, audit events, command line, Helm
-values, the paths it names and the hostile-input count."""
+values, rate-limit defaults, the paths it names and the hostile-input count."""
 
 from __future__ import annotations
 
@@ -317,3 +317,18 @@ def test_the_reliability_table_counts_the_hostile_input_rows() -> None:
     )
     assert isinstance(rows, ast.Dict)
     assert f"| hostile input | {len(rows.keys)}-row raw-socket table" in section("Reliability")
+
+
+def test_the_rate_limit_table_gives_every_policy_its_default() -> None:
+    rows = {row[0].strip("`"): row for row in table_rows(section("Rate limits"), "policy")}
+    defaults = settings_module.DEFAULT_RATE_LIMITS
+    assert set(rows) == set(defaults), "README's rate-limit table differs from the policies"
+    for name, policy in defaults.items():
+        default = re.sub(r"(?<=[0-9]),(?=[0-9])", "", rows[name][2])  # 1,000 is 1000
+        match = re.match(r"([0-9]+)/min(?:, burst ([0-9]+))?", default)
+        assert match, f"{name}: README's default {default!r} is not `N/min[, burst B]`"
+        # Where the table names no burst it equals limit (README, under the table).
+        documented = (int(match.group(1)), 60.0, int(match.group(2) or match.group(1)))
+        assert documented == (policy.limit, policy.period_seconds, policy.burst), (
+            f"{name}: README says {default}"
+        )
