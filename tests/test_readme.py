@@ -1,5 +1,5 @@
 """README.md agrees with the code: settings, problem codes and statuses, metrics, audit events, command line, Helm
-values, rate-limit defaults, the paths it names and the hostile-input count."""
+values, rate-limit defaults, the example page's CSP, the paths it names and the hostile-input count."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import service.ledger
 import service.ratelimit
 from service import errors
 from service import settings as settings_module
-from service.__main__ import build_parser
+from service.__main__ import build_parser, example_csp
 from service.errors import GatewayError
 from service.observability import Metrics
 
@@ -332,3 +332,12 @@ def test_the_rate_limit_table_gives_every_policy_its_default() -> None:
         assert documented == (policy.limit, policy.period_seconds, policy.burst), (
             f"{name}: README says {default}"
         )
+
+
+def test_the_web_example_csp_is_the_one_dev_serves() -> None:
+    csp = example_csp("https://gateway.invalid", "https://upstream.invalid")
+    documented = csp.replace("https://gateway.invalid", "<gateway>").replace(
+        "wss://upstream.invalid", "<upstream ws>"
+    )
+    prose = " ".join(section("Using it from a web page").split())  # the policy wraps across lines
+    assert f"`{documented}`" in prose, "README's example-page CSP differs from the one `dev` serves"
