@@ -1,5 +1,5 @@
-"""README.md agrees with the code: settings, problem codes and statuses, metrics, audit events, command line, Helm
-values, rate-limit defaults, the example page's CSP, the paths it names and the hostile-input count."""
+"""README.md agrees with the code: settings, problem codes and statuses, metrics, audit events, CLI, Helm values,
+rate-limit defaults, the example page's CSP, the emulator's fault API, the paths it names, the hostile-input count."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import service.ratelimit
 from service import errors
 from service import settings as settings_module
 from service.__main__ import build_parser, example_csp
+from service.emulator import faults
 from service.errors import GatewayError
 from service.observability import Metrics
 
@@ -341,3 +342,14 @@ def test_the_web_example_csp_is_the_one_dev_serves() -> None:
     )
     prose = " ".join(section("Using it from a web page").split())  # the policy wraps across lines
     assert f"`{documented}`" in prose, "README's example-page CSP differs from the one `dev` serves"
+
+
+def test_the_emulator_fault_api_lists_every_endpoint_kind_and_field() -> None:
+    text = " ".join(section("Upstream emulator").split())
+    endpoints = re.search(r'"endpoint": "([^"]+)"', text)
+    kinds = re.search(r'"kind": "([^"]+)"', text)
+    assert endpoints and kinds, "README no longer shows the fault JSON"
+    assert set(endpoints.group(1).split("|")) == faults.ENDPOINTS
+    assert set(kinds.group(1).split("|")) == faults.KINDS
+    fields = set(faults.Fault().as_json())
+    assert {field for field in fields if f'"{field}":' in text} == fields
