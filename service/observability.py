@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from _json import encode_basestring, make_encoder
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -482,24 +482,34 @@ def mask_known_secret(value: str) -> None:
         _known_secrets.append(value)
 
 
+def _may_hold_secret(text: str) -> bool:
+    """Return False only when `mask_secrets` would leave `text` unchanged (a cheap test, no regex)."""
+    for secret in _known_secrets:
+        if secret in text:
+            return True
+    # Every pattern needs one of these substrings, ignoring ASCII case. Only for ASCII text: (?i) also
+    # folds a few non-ASCII letters (e.g. U+017F) onto ASCII.
+    if not text.isascii():
+        return True
+    lowered = text.lower()
+    return (
+        "eyj" in lowered
+        or "api" in lowered
+        or "bearer" in lowered
+        or "basic" in lowered
+        or "sk_" in lowered
+        or "conversation_signature=" in lowered
+    )
+
+
 def mask_secrets(text: str) -> str:
     """Replace known secrets, JWTs, xi-api-key values, bearer and basic credentials and signatures in `text`."""
+    # Fast path: most log lines hold nothing secret-looking.
+    if not _may_hold_secret(text):
+        return text
     for secret in _known_secrets:
         if secret in text:
             text = text.replace(secret, _MASK)
-    # Fast path (called ~15 times per request): every pattern needs one of these substrings, ignoring
-    # ASCII case. Only for ASCII text: (?i) also folds a few non-ASCII letters (e.g. U+017F) onto ASCII.
-    if text.isascii():
-        lowered = text.lower()
-        if not (
-            "eyj" in lowered
-            or "api" in lowered
-            or "bearer" in lowered
-            or "basic" in lowered
-            or "sk_" in lowered
-            or "conversation_signature=" in lowered
-        ):
-            return text
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -523,17 +533,25 @@ class SecretMaskFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place with secrets masked; never drop it."""
         try:
-            record.msg = mask_secrets(record.getMessage())
-            record.args = None
+            message = record.getMessage()
         except (TypeError, ValueError):
             # A broken format string: logging reports it with the raw parts, so mask those instead.
             if isinstance(record.msg, str):
                 record.msg = mask_secrets(record.msg)
             if isinstance(record.args, tuple):
                 record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
-        for key, value in _extra_fields(record).items():
-            if isinstance(value, str):
+            message = None
+        strings = [(key, value) for key, value in _extra_fields(record).items() if isinstance(value, str)]
+        # One cheap test of all the texts at once: whatever any of them would need masked shows in their join.
+        joined = "\n".join([message or "", *(value for _, value in strings)])
+        if _may_hold_secret(joined):
+            if message is not None:
+                message = mask_secrets(message)
+            for key, value in strings:
                 setattr(record, key, mask_secrets(value))
+        if message is not None:
+            record.msg = message
+            record.args = None
         return True
 
 
@@ -547,8 +565,10 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-# Built once: json.dumps with any option builds a new encoder per call (~9 k instructions of a line's ~190 k).
-_LINE_ENCODER: Final = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)
+# Built once: json.dumps with any option builds a new encoder per call (~9 k instructions of a line's ~190 k),
+# and JSONEncoder.encode a new C encoder (~7 k). No circular-reference check (markers None): a record's fields
+# are flat values, and the check's dict would keep stale entries after an encode that raised.
+_encode_line: Final = make_encoder(None, str, encode_basestring, None, ":", ",", False, False, True)
 # (whole second, its ISO 8601 text): log lines of one second share the costly part of their timestamp.
 _second_text: tuple[int, str] = (-1, "")
 
@@ -588,7 +608,7 @@ class JsonFormatter(logging.Formatter):
             payload["exc"] = mask_secrets(self.formatException(record.exc_info))
         if record.stack_info:
             payload["stack"] = mask_secrets(self.formatStack(record.stack_info))
-        return mask_secrets(_LINE_ENCODER.encode(payload))
+        return mask_secrets("".join(_encode_line(payload, 0)))
 
 
 class _StderrHandler(logging.Handler):
@@ -649,9 +669,13 @@ def _safe_extra(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {(f"{key}_" if key in _RESERVED_ATTRS else key): value for key, value in fields.items()}
 
 
+# Looked up once: getLogger takes logging's module lock on every call, and a logger lives as long as the process.
+_audit_logger: Final = logging.getLogger(AUDIT_LOGGER)
+
+
 def audit(event: str, **fields: Any) -> None:
     """Write one audit event (session_minted, token_minted, conversation_deleted, feedback_sent, act_as)."""
-    logging.getLogger(AUDIT_LOGGER).info(event, extra=_safe_extra({"event": event, **fields}))
+    _audit_logger.info(event, extra=_safe_extra({"event": event, **fields}))
 
 
 def user_hash(user_id: str) -> str:
