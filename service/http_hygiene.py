@@ -230,8 +230,16 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
+        # One pass over the raw headers for the two that frame a body (Headers would copy them and scan twice).
+        # Names compared as given, as Headers does: ASGI servers give lower-case names.
+        declared: str | None = None  # the first Content-Length, as Headers.get gives
+        chunked = False  # a Transfer-Encoding header is present
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if declared is None:
+                    declared = value.decode("latin-1")
+            elif name == b"transfer-encoding":
+                chunked = True
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             # Answer before reading a byte of it.
             await error_response(self._error())(scope, receive, send)
@@ -239,7 +247,7 @@ class BodyLimitMiddleware:
 
         # Only a request that announces a body gets a deadline: a bodyless request's later receive()
         # calls wait for the disconnect (e.g. while audio streams) and must never time out.
-        has_body = "transfer-encoding" in headers or (declared is not None and declared not in ("", "0"))
+        has_body = chunked or (declared is not None and declared not in ("", "0"))
         if not has_body and scope.get("http_version") in _HTTP1:
             # HTTP/1.x frames a body only with one of those headers: there is nothing to limit or time.
             # (HTTP/2 bodies need no Content-Length, so other versions keep the wrappers.)
