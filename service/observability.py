@@ -522,10 +522,6 @@ _RESERVED_ATTRS: Final = frozenset(logging.LogRecord("x", logging.INFO, "x", 0, 
 }
 
 
-def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: value for key, value in record.__dict__.items() if key not in _RESERVED_ATTRS}
-
-
 class SecretMaskFilter(logging.Filter):
     """Mask secret-looking values in a record's message, arguments and string extras (defence in depth)."""
 
@@ -540,13 +536,16 @@ class SecretMaskFilter(logging.Filter):
             if isinstance(record.args, tuple):
                 record.args = tuple(mask_secrets(a) if isinstance(a, str) else a for a in record.args)
             message = None
-        strings = [(key, value) for key, value in _extra_fields(record).items() if isinstance(value, str)]
+        strings = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _RESERVED_ATTRS and isinstance(value, str)
+        }
         # One cheap test of all the texts at once: whatever any of them would need masked shows in their join.
-        joined = "\n".join([message or "", *(value for _, value in strings)])
-        if _may_hold_secret(joined):
+        if _may_hold_secret("\n".join([message or "", *strings.values()])):
             if message is not None:
                 message = mask_secrets(message)
-            for key, value in strings:
+            for key, value in strings.items():
                 setattr(record, key, mask_secrets(value))
         if message is not None:
             record.msg = message
@@ -599,8 +598,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in _extra_fields(record).items():
-            payload.setdefault(key, value)
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED_ATTRS:
+                payload.setdefault(key, value)
         # Exception and stack text are not covered by the filter's message pass: masked here before JSON
         # escaping (a quoted key inside them would read \"xi-api-key\" after it), then the whole line again.
         if record.exc_info:
