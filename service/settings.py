@@ -25,10 +25,14 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 OwnershipMode = Literal["ledger_or_user_id", "ledger", "user_id"]
 RedisErrorMode = Literal["local", "open", "closed"]
+SentinelAuth = Literal["none", "password", "redis_url"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 OWNERSHIP_MODES: tuple[OwnershipMode, ...] = ("ledger_or_user_id", "ledger", "user_id")
 REDIS_ERROR_MODES: tuple[RedisErrorMode, ...] = ("local", "open", "closed")
+# Where the sentinels' own credentials come from (`[redis] sentinel_auth`): none, REDIS_SENTINEL_PASSWORD(_FILE)
+# with an optional `sentinel_username`, or REDIS_URL's (the Bitnami chart gives its sentinels the Redis password).
+SENTINEL_AUTH_MODES: tuple[SentinelAuth, ...] = ("none", "password", "redis_url")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 MIN_HS256_SECRET_BYTES = 32
@@ -122,6 +126,13 @@ class RedisTopology:
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_service: str | None = None
     cluster: bool = False
+    # The sentinels' own credentials and TLS (the master's come from `url`). With "redis_url" the client takes
+    # REDIS_URL's username and password, as redis-py parses them for the master.
+    sentinel_auth: SentinelAuth = "none"
+    sentinel_username: str | None = None
+    sentinel_password: Secret | None = None
+    # TLS to the sentinels with REDIS_URL's ssl_* options (settings require a rediss:// REDIS_URL for it).
+    sentinel_tls: bool = False
 
     @property
     def configured(self) -> bool:
@@ -901,15 +912,31 @@ def _check_redis_values(reader: _Reader, parts: SplitResult) -> None:
         _check_redis_tls(reader, {name: values[0] for name, values in query.items()})
 
 
+_REDIS_KEYS: Final = (
+    "sentinels",
+    "sentinel_service",
+    "sentinel_auth",
+    "sentinel_username",
+    "sentinel_tls",
+    "cluster",
+)
+
+
 def _redis(reader: _Reader, data: Any) -> RedisTopology:
     url = reader.raw("REDIS_URL")
     if url is not None and _check_url(reader, "REDIS_URL", url, ("redis", "rediss", "unix")):
         _check_redis_options(reader, url)
-    if data is None:
-        return RedisTopology(url=url)
     if not isinstance(data, dict):
-        reader.problems.append("GATEWAY_CONFIG: [redis] must be a table")
+        if data is not None:
+            reader.problems.append("GATEWAY_CONFIG: [redis] must be a table")
+        _sentinel_auth(reader, {}, url, has_sentinels=False)  # a sentinel password without sentinels
         return RedisTopology(url=url)
+    unknown = sorted(str(key) for key in data if key not in _REDIS_KEYS)
+    if unknown:
+        # A typo must not pass for an unset key: `sentinel_tsl = true` would leave the sentinels in plaintext.
+        reader.problems.append(
+            f"GATEWAY_CONFIG: [redis] unknown key(s) {', '.join(unknown)} (known: {', '.join(_REDIS_KEYS)})"
+        )
     sentinels: list[tuple[str, int]] = []
     listed = data.get("sentinels", [])
     if not isinstance(listed, list):
@@ -936,7 +963,93 @@ def _redis(reader: _Reader, data: Any) -> RedisTopology:
         reader.problems.append("GATEWAY_CONFIG: redis.cluster and redis.sentinels exclude each other")
     if cluster and url is None:
         reader.problems.append("GATEWAY_CONFIG: redis.cluster needs REDIS_URL (a seed node)")
-    return RedisTopology(url=url, sentinels=tuple(sentinels), sentinel_service=service, cluster=cluster)
+    auth, username, password = _sentinel_auth(reader, data, url, bool(sentinels))
+    return RedisTopology(
+        url=url,
+        sentinels=tuple(sentinels),
+        sentinel_service=service,
+        cluster=cluster,
+        sentinel_auth=auth,
+        sentinel_username=username,
+        sentinel_password=password,
+        sentinel_tls=_sentinel_tls(reader, data, url, bool(sentinels)),
+    )
+
+
+def _sentinel_password(reader: _Reader) -> str | None:
+    # As ELEVENLABS_API_KEY is read: the variable or a file (a mounted Secret), never both, never empty.
+    value = reader.raw("REDIS_SENTINEL_PASSWORD")
+    from_file = reader.file_text("REDIS_SENTINEL_PASSWORD_FILE")
+    if value is not None and from_file is not None:
+        reader.problems.append(
+            "REDIS_SENTINEL_PASSWORD and REDIS_SENTINEL_PASSWORD_FILE are both set; set only one"
+        )
+    if from_file == "":
+        reader.problems.append("REDIS_SENTINEL_PASSWORD_FILE: the file is empty")
+    return value or from_file or None
+
+
+def _sentinel_auth(
+    reader: _Reader, data: Mapping[str, Any], url: str | None, has_sentinels: bool
+) -> tuple[SentinelAuth, str | None, Secret | None]:
+    # Explicit, never inferred from which variables happen to be set: a password left in the environment (or
+    # one meant for the sentinels reaching the master) must not be sent to, or withheld from, the sentinels
+    # silently. Problems name the setting, never a value: usernames and passwords are not echoed.
+    password = _sentinel_password(reader)
+    auth = data.get("sentinel_auth", "none")
+    if auth not in SENTINEL_AUTH_MODES:
+        reader.problems.append(
+            f"GATEWAY_CONFIG: redis.sentinel_auth: must be one of {', '.join(SENTINEL_AUTH_MODES)}"
+        )
+        auth = "none"
+    username = data.get("sentinel_username")
+    if username is not None and (not isinstance(username, str) or not username.strip()):
+        reader.problems.append("GATEWAY_CONFIG: redis.sentinel_username: must be a non-empty string")
+        username = None
+    if auth != "none" and not has_sentinels:
+        reader.problems.append(f'GATEWAY_CONFIG: redis.sentinel_auth = "{auth}" needs redis.sentinels')
+    if password is not None and auth != "password":
+        reader.problems.append(
+            'REDIS_SENTINEL_PASSWORD: set, but only used with redis.sentinel_auth = "password" in GATEWAY_CONFIG'
+            " (and redis.sentinels); set that, or unset it"
+        )
+    if auth == "password" and password is None and reader.raw("REDIS_SENTINEL_PASSWORD_FILE") is None:
+        reader.problems.append(
+            'REDIS_SENTINEL_PASSWORD: required with redis.sentinel_auth = "password" '
+            "(or REDIS_SENTINEL_PASSWORD_FILE)"
+        )
+    if username is not None and auth != "password":
+        # With "redis_url" the URL names the user; with none, a username alone authenticates nothing.
+        reader.problems.append(
+            'GATEWAY_CONFIG: redis.sentinel_username: only used with redis.sentinel_auth = "password"'
+        )
+        username = None
+    if auth == "redis_url":
+        parts = _split_url(url) if url is not None else None
+        query = parse_qs(parts.query) if parts is not None else {}
+        if parts is None or not (parts.password or query.get("password")):
+            reader.problems.append(
+                'GATEWAY_CONFIG: redis.sentinel_auth = "redis_url" needs REDIS_URL with a password; URL not shown'
+            )
+    return auth, username, Secret(password) if auth == "password" and password else None
+
+
+def _sentinel_tls(reader: _Reader, data: Mapping[str, Any], url: str | None, has_sentinels: bool) -> bool:
+    tls: object = data.get("sentinel_tls", False)
+    if not isinstance(tls, bool):
+        reader.problems.append("GATEWAY_CONFIG: redis.sentinel_tls: must be true or false")
+        return False
+    if tls and not has_sentinels:
+        reader.problems.append("GATEWAY_CONFIG: redis.sentinel_tls needs redis.sentinels")
+    elif tls and (url is None or urlsplit(url).scheme != "rediss"):
+        # One TLS configuration for the deployment: the CA, client certificate and checks REDIS_URL gives the
+        # master (its ssl_* options, validated there) serve the sentinels too. Without them only the system CAs
+        # could verify a sentinel, which a private CA's certificates would fail on every connection.
+        reader.problems.append(
+            "GATEWAY_CONFIG: redis.sentinel_tls needs a rediss:// REDIS_URL: its ssl_* options (CA, client "
+            "certificate) are used for the sentinels too; URL not shown"
+        )
+    return tls
 
 
 def _trusted_proxies(reader: _Reader) -> tuple[IPNetwork, ...]:

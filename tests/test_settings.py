@@ -919,3 +919,115 @@ def test_two_issuers_may_not_share_a_user_id_prefix(tmp_path: Path) -> None:
         "GATEWAY_CONFIG: issuers[2].user_id_prefix: 'own:' is already the prefix of JWT_USER_ID_PREFIX; each "
         "issuer needs a prefix of its own (a shared one would make their users one user again)",
     ]
+
+
+# ------------------------------------------------------------------------------ the sentinels' own credentials
+
+SENTINEL_PASSWORD = "sentinel-pw-4b1f0c9d2e"
+SENTINELS = '[redis]\nsentinels = ["127.0.0.1:26379"]\nsentinel_service = "mymaster"\n'
+
+
+def sentinel_env(tmp_path: Path, toml: str, **env: str) -> dict[str, str]:
+    """Return GOOD plus a GATEWAY_CONFIG holding `toml`, plus `env`."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(toml)
+    return {**GOOD, "GATEWAY_CONFIG": str(config), **env}
+
+
+def test_sentinel_credentials_default_to_none_and_plaintext(tmp_path: Path) -> None:
+    redis = load_settings(sentinel_env(tmp_path, SENTINELS)).redis
+    assert (redis.sentinel_auth, redis.sentinel_username, redis.sentinel_password) == ("none", None, None)
+    assert redis.sentinel_tls is False
+
+
+def test_sentinel_password_is_read_from_the_variable_or_a_file(tmp_path: Path) -> None:
+    toml = SENTINELS + 'sentinel_auth = "password"\nsentinel_username = "gw"\n'
+    redis = load_settings(sentinel_env(tmp_path, toml, REDIS_SENTINEL_PASSWORD=SENTINEL_PASSWORD)).redis
+    assert (redis.sentinel_auth, redis.sentinel_username) == ("password", "gw")
+    assert redis.sentinel_password == Secret(SENTINEL_PASSWORD)
+    assert SENTINEL_PASSWORD not in repr(redis)
+    password_file = tmp_path / "sentinel-password"
+    password_file.write_text(SENTINEL_PASSWORD + "\n")
+    env = sentinel_env(tmp_path, toml, REDIS_SENTINEL_PASSWORD_FILE=str(password_file))
+    assert load_settings(env).redis.sentinel_password == Secret(SENTINEL_PASSWORD)
+
+
+def test_sentinel_auth_may_reuse_the_redis_url_credentials(tmp_path: Path, tls_files: TlsFiles) -> None:
+    toml = SENTINELS + 'sentinel_auth = "redis_url"\nsentinel_tls = true\n'
+    url = f"rediss://gw:{SENTINEL_PASSWORD}@ignored/0?ssl_ca_certs={tls_files.ca}"
+    redis = load_settings(sentinel_env(tmp_path, toml, REDIS_URL=url)).redis
+    assert (redis.sentinel_auth, redis.sentinel_password, redis.sentinel_tls) == ("redis_url", None, True)
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "fragment"),
+    [
+        (
+            SENTINELS + 'sentinel_auth = "password"\n',
+            {},
+            'REDIS_SENTINEL_PASSWORD: required with redis.sentinel_auth = "password"',
+        ),
+        (
+            SENTINELS,
+            {"REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD},
+            'REDIS_SENTINEL_PASSWORD: set, but only used with redis.sentinel_auth = "password"',
+        ),
+        (
+            "",
+            {"REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD},
+            'REDIS_SENTINEL_PASSWORD: set, but only used with redis.sentinel_auth = "password"',
+        ),
+        (
+            SENTINELS + 'sentinel_auth = "password"\n',
+            {"REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD, "REDIS_SENTINEL_PASSWORD_FILE": "FILE"},
+            "REDIS_SENTINEL_PASSWORD and REDIS_SENTINEL_PASSWORD_FILE are both set",
+        ),
+        (
+            SENTINELS + 'sentinel_auth = "password"\n',
+            {"REDIS_SENTINEL_PASSWORD_FILE": "EMPTY"},
+            "REDIS_SENTINEL_PASSWORD_FILE: the file is empty",
+        ),
+        (
+            SENTINELS + 'sentinel_auth = "password"\n',
+            {"REDIS_SENTINEL_PASSWORD_FILE": "MISSING"},
+            "REDIS_SENTINEL_PASSWORD_FILE: cannot read",
+        ),
+        ('[redis]\nsentinel_auth = "password"\n', {"REDIS_SENTINEL_PASSWORD": "x"}, "needs redis.sentinels"),
+        (
+            SENTINELS + 'sentinel_auth = "acl"\n',
+            {},
+            "redis.sentinel_auth: must be one of none, password, redis_url",
+        ),
+        (
+            SENTINELS + 'sentinel_auth = "redis_url"\nsentinel_username = "gw"\n',
+            {"REDIS_URL": "redis://:pw@primary/0"},
+            'redis.sentinel_username: only used with redis.sentinel_auth = "password"',
+        ),
+        (SENTINELS + "sentinel_username = 5\n", {}, "redis.sentinel_username: must be a non-empty string"),
+        (
+            SENTINELS + 'sentinel_auth = "redis_url"\n',
+            {"REDIS_URL": "redis://primary/0"},
+            'redis.sentinel_auth = "redis_url" needs REDIS_URL with a password',
+        ),
+        (SENTINELS + 'sentinel_auth = "redis_url"\n', {}, "needs REDIS_URL with a password"),
+        (SENTINELS + 'sentinel_tls = "yes"\n', {}, "redis.sentinel_tls: must be true or false"),
+        ("[redis]\nsentinel_tls = true\n", {}, "redis.sentinel_tls needs redis.sentinels"),
+        (
+            SENTINELS + "sentinel_tls = true\n",
+            {"REDIS_URL": "redis://:pw@primary/0"},
+            "redis.sentinel_tls needs a rediss:// REDIS_URL",
+        ),
+        (SENTINELS + "sentinel_tls = true\n", {}, "redis.sentinel_tls needs a rediss:// REDIS_URL"),
+        (SENTINELS + "sentinel_tsl = true\n", {}, "[redis] unknown key(s) sentinel_tsl"),
+    ],
+)
+def test_bad_sentinel_credentials_or_tls_name_the_setting(
+    tmp_path: Path, toml: str, env: dict[str, str], fragment: str
+) -> None:
+    files = {"FILE": tmp_path / "password", "EMPTY": tmp_path / "empty", "MISSING": tmp_path / "missing"}
+    files["FILE"].write_text(SENTINEL_PASSWORD)
+    files["EMPTY"].write_text("\n")
+    resolved = {name: str(files[value]) if value in files else value for name, value in env.items()}
+    found = problems(sentinel_env(tmp_path, toml, **resolved))
+    assert any(fragment in p for p in found), found
+    assert not any(SENTINEL_PASSWORD in p or "pw@" in p for p in found), found
