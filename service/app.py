@@ -147,6 +147,8 @@ def _mask_configured_secrets(settings: Settings) -> None:
     for issuer in settings.issuers:
         if issuer.hs256_secret is not None:
             mask_known_secret(issuer.hs256_secret.reveal())
+    if settings.redis.sentinel_password is not None:
+        mask_known_secret(settings.redis.sentinel_password.reveal())
     proxy_url = settings.egress_proxy_url.reveal() if settings.egress_proxy_url else None
     for url in (proxy_url, settings.redis.url):
         password = urlsplit(url).password if url else None

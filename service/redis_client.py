@@ -27,10 +27,11 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
 from service.settings import RedisTopology
@@ -161,15 +162,18 @@ class FollowingSentinelPool(SentinelConnectionPool):
         except REDIS_ERRORS as exc:
             # No master known right now: connecting asks again and fails its command if need be. While the
             # master itself answers, commands keep succeeding and nothing else would tell that a failover can
-            # no longer be followed; said once, not every recheck. The error's type only: its text may hold
-            # a sentinel's reply.
+            # no longer be followed; said once, not every recheck. The error's type, or the reasons our
+            # Sentinel gives (built from types too): an error's text may hold a sentinel's reply.
             if not self._sentinels_failing:
                 self._sentinels_failing = True
+                why = (
+                    "; ".join(exc.reasons) if isinstance(exc, SentinelsFoundNoMaster) else type(exc).__name__
+                )
                 logger.warning(
                     "Redis Sentinel: no sentinel named the master of %r (%s); a failover would not be followed "
                     "until one does",
                     self.service_name,
-                    type(exc).__name__,
+                    why,
                 )
         else:
             if self._sentinels_failing:
@@ -208,21 +212,91 @@ class FollowingSentinelPool(SentinelConnectionPool):
                 raise
 
 
+class SentinelsFoundNoMaster(MasterNotFoundError):
+    """No sentinel named a master; `reasons` says why, per sentinel, without any reply text or secret."""
+
+    def __init__(self, service: str, reasons: list[str]) -> None:
+        super().__init__(f"No master found for {service!r}: {'; '.join(reasons) or 'no sentinels'}")
+        self.reasons = reasons
+
+
+class ExplainingSentinel(Sentinel):
+    """A Sentinel whose failure to find a master says why for each sentinel (refused credentials, TLS...)."""
+
+    # Whether credentials are sent to the sentinels: a refusal then means wrong ones, else missing ones.
+    authenticates = False
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        """Return the master's address as the first sentinel that knows a healthy one names it, or raise."""
+        # As redis-py's, but each failure is kept as a reason built from the error's type alone: redis-py puts
+        # each error's repr in MasterNotFoundError's text, where a sentinel's reply could show, and a reason
+        # such as "authentication required" is what an operator needs to fix the configuration.
+        reasons: list[str] = []
+        for number, sentinel in enumerate(self.sentinels):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+            try:
+                masters = await sentinel.sentinel_masters()
+            except (RedisError, OSError) as exc:
+                reasons.append(f"{where} {self._reason(exc)}")
+                continue
+            # A dict keyed by service name (RESP2 and RESP3 alike; redis-py's stubs allow a list too).
+            state = cast(dict[str, Any], masters).get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+                return state["ip"], state["port"]
+            reasons.append(f"{where} knows no healthy master of {service_name!r}")
+        raise SentinelsFoundNoMaster(service_name, reasons)
+
+    def _reason(self, exc: BaseException) -> str:
+        if isinstance(exc, AuthenticationError):
+            if self.authenticates:
+                return "refused the credentials (AuthenticationError: check redis.sentinel_auth and the password)"
+            return (
+                "requires authentication (AuthenticationError: set redis.sentinel_auth and "
+                "REDIS_SENTINEL_PASSWORD, or reuse REDIS_URL's)"
+            )
+        if isinstance(exc, ResponseError):
+            return f"refused SENTINEL MASTERS ({type(exc).__name__}: check the sentinel user's ACL)"
+        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+            return f"did not answer in time ({type(exc).__name__})"
+        return f"could not be asked ({type(exc).__name__}: unreachable, or TLS expected on one side only)"
+
+
+# The REDIS_URL options that apply to the sentinels' connections too with `sentinel_tls`: the TLS ones only (a
+# sentinel has no database, and client_name, max_connections... describe the master's connections).
+def _sentinel_kwargs(topology: RedisTopology, timeout: float, url_kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = _timeouts(timeout)
+    if topology.sentinel_auth == "password" and topology.sentinel_password is not None:
+        kwargs["password"] = topology.sentinel_password.reveal()
+        if topology.sentinel_username:
+            kwargs["username"] = topology.sentinel_username
+    elif topology.sentinel_auth == "redis_url":
+        kwargs.update({k: url_kwargs[k] for k in ("username", "password") if url_kwargs.get(k)})
+    if topology.sentinel_tls:
+        kwargs["ssl"] = True
+        kwargs.update({k: v for k, v in url_kwargs.items() if k.startswith("ssl_")})
+    return kwargs
+
+
 def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type[Redis]) -> Any:
     # A REDIS_URL given alongside says everything about the master but where it is (the sentinels name it):
     # credentials, database, TLS and every other supported option reach its connections, max_connections its
     # pool. Only credentials and the database used to be taken, the rest (client_name, ssl_*...) silently lost.
-    master_kwargs: dict[str, Any] = {}
+    url_kwargs: dict[str, Any] = {}
     if topology.url:
-        master_kwargs.update(parse_url(topology.url))
+        url_kwargs.update(parse_url(topology.url))
         for where in ("host", "port", "path", "connection_class"):
-            master_kwargs.pop(where, None)
-        if urlsplit(topology.url).scheme == "rediss":
-            # SentinelConnectionPool then connects with SentinelManagedSSLConnection, which takes the ssl_*.
-            master_kwargs["ssl"] = True
+            url_kwargs.pop(where, None)
+    master_kwargs = dict(url_kwargs)
+    if topology.url and urlsplit(topology.url).scheme == "rediss":
+        # SentinelConnectionPool then connects with SentinelManagedSSLConnection, which takes the ssl_*.
+        master_kwargs["ssl"] = True
     # Settings refuse the URL options the gateway sets; applied last, the gateway's win regardless.
     master_kwargs.update({**_DECODING, **_timeouts(timeout, client_class)})
-    sentinel = Sentinel(list(topology.sentinels), sentinel_kwargs=_timeouts(timeout))  # type: ignore[no-untyped-call]
+    sentinel_kwargs = _sentinel_kwargs(topology, timeout, url_kwargs)
+    sentinel = ExplainingSentinel(list(topology.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    sentinel.authenticates = "password" in sentinel_kwargs
     client = sentinel.master_for(
         topology.sentinel_service or "mymaster",
         redis_class=client_class,

@@ -19,6 +19,8 @@ from typing import Any
 import redis
 import uvicorn
 
+from tests.support.tls import TlsFiles
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
@@ -41,6 +43,8 @@ class RedisServer:
         self.extra_args = extra_args
         self.workdir = Path(tempfile.mkdtemp(prefix="convai-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        # What the test's own clients need to be let in (a password, a username, TLS files).
+        self.client_options: dict[str, Any] = {}
 
     @property
     def url(self) -> str:
@@ -70,7 +74,7 @@ class RedisServer:
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server answers PING, or raise."""
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.2)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.2, **self.client_options)
         try:
             while True:
                 try:
@@ -107,7 +111,7 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """Return a synchronous client for assertions and setup."""
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, **self.client_options)
 
     def flush(self) -> None:
         """Delete every key."""
@@ -123,7 +127,7 @@ class RedisServer:
 class TlsRedisServer(RedisServer):
     """A private redis-server that also serves TLS (client certificates required) on a second free port."""
 
-    def __init__(self, ca: Path, cert: Path, key: Path) -> None:
+    def __init__(self, ca: Path, cert: Path, key: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.tls_port = free_port()
         super().__init__(
             extra_args=(
@@ -132,6 +136,7 @@ class TlsRedisServer(RedisServer):
                 "--tls-key-file", str(key),
                 "--tls-ca-cert-file", str(ca),
                 "--tls-auth-clients", "yes",
+                *extra_args,
             )
         )  # fmt: skip
 
@@ -151,6 +156,8 @@ class RedisSentinel(RedisServer):
         quorum: int = 1,
         down_after_ms: int = 500,
         failover_timeout_ms: int = 2000,
+        extra_config: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__()
         self.service = service
@@ -158,6 +165,18 @@ class RedisSentinel(RedisServer):
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        # Lines after the monitor settings: `requirepass`, ACL `user` lines, `sentinel auth-pass`...
+        self.extra_config = extra_config
+        # With TLS files the sentinel serves TLS only on `port` (its plaintext port is 0), with client
+        # certificates required, and reaches the master over TLS with the client certificate.
+        self.tls = tls
+        if tls is not None:
+            self.client_options = {
+                "ssl": True,
+                "ssl_ca_certs": str(tls.ca),
+                "ssl_certfile": str(tls.client_cert),
+                "ssl_keyfile": str(tls.client_key),
+            }
 
     @property
     def address(self) -> tuple[str, int]:
@@ -168,15 +187,31 @@ class RedisSentinel(RedisServer):
         """Write the sentinel configuration if it is not there yet; return the command line."""
         config = self.workdir / "sentinel.conf"
         if not config.exists():
+            listen = [f"port {self.port}"]
+            if self.tls is not None:
+                listen = [
+                    "port 0",
+                    f"tls-port {self.port}",
+                    f"tls-cert-file {self.tls.server_cert}",
+                    f"tls-key-file {self.tls.server_key}",
+                    f"tls-client-cert-file {self.tls.client_cert}",
+                    f"tls-client-key-file {self.tls.client_key}",
+                    f"tls-ca-cert-file {self.tls.ca}",
+                    "tls-auth-clients yes",
+                    "tls-replication yes",  # Sentinel reaches masters and replicas over TLS with this
+                ]
             # `sentinel monitor` must come before the other settings of its master.
-            config.write_text(
-                f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
-                f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} {self.quorum}\n"
-                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {self.service} 1\n",
-                encoding="utf-8",
-            )
+            lines = [
+                *listen,
+                "bind 127.0.0.1",
+                f"dir {self.workdir}",
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} {self.quorum}",
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.service} 1",
+                *self.extra_config,
+            ]
+            config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return [self.binary, str(config), "--sentinel"]
 
     def master_port_now(self) -> int | None:
@@ -184,6 +219,13 @@ class RedisSentinel(RedisServer):
         with contextlib.closing(self.client()) as client:
             address = client.sentinel_get_master_addr_by_name(self.service)
         return int(address[1]) if isinstance(address, tuple) else None
+
+    def sees_master_up(self) -> bool:
+        """Tell whether this sentinel has had INFO from its master recently and does not consider it down."""
+        with contextlib.closing(self.client()) as client:
+            state: dict[str, Any] = client.sentinel_master(self.service)  # type: ignore[assignment]
+        # info-refresh counts from 0 until the first INFO reply arrives: a huge number until then.
+        return bool(int(state["info-refresh"]) < 10_000 and not state["is_sdown"] and not state["is_odown"])
 
     def known_replica_ports(self) -> set[int]:
         """Return the ports of the replicas this sentinel knows and considers up."""
@@ -221,15 +263,45 @@ def in_sync(replica: RedisServer) -> bool:
 class SentinelGroup:
     """A master, its replicas and one sentinel (quorum 1) monitoring them as one service, all on loopback."""
 
-    def __init__(self, service: str = "gwmaster", *, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        service: str = "gwmaster",
+        *,
+        replicas: int = 1,
+        password: str | None = None,
+        sentinel_config: tuple[str, ...] = (),
+        sentinel_client_options: dict[str, Any] | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        """Build the group; `password` protects the data servers, `sentinel_config` adds sentinel.conf lines.
+
+        With `tls` the master also serves TLS (client certificates required) and the sentinel serves TLS only
+        and names the master's TLS port (no replicas then: they would have to replicate over TLS too).
+        """
         self.service = service
+        auth = ("--requirepass", password, "--masterauth", password) if password else ()
         # Without a delay the first full sync starts at once (Redis 7 waits 5 s for more replicas to join).
-        self.master = RedisServer(extra_args=("--repl-diskless-sync-delay", "0"))
+        sync = ("--repl-diskless-sync-delay", "0", *auth)
+        self.master: RedisServer
+        if tls is not None:
+            if replicas:
+                raise ValueError("a TLS SentinelGroup has no replicas")
+            self.master = TlsRedisServer(tls.ca, tls.server_cert, tls.server_key, extra_args=sync)
+            master_port = self.master.tls_port
+        else:
+            self.master = RedisServer(extra_args=sync)
+            master_port = self.master.port
         self.replicas = [
-            RedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.master.port)))
+            RedisServer(extra_args=("--replicaof", "127.0.0.1", str(self.master.port), *auth))
             for _ in range(replicas)
         ]
-        self.sentinel = RedisSentinel(service, self.master.port)
+        if password:
+            for server in self.servers:
+                server.client_options = {"password": password}
+        reach = (f"sentinel auth-pass {service} {password}",) if password else ()
+        self.sentinel = RedisSentinel(service, master_port, extra_config=(*reach, *sentinel_config), tls=tls)
+        if sentinel_client_options:
+            self.sentinel.client_options = {**self.sentinel.client_options, **sentinel_client_options}
 
     @property
     def servers(self) -> list[RedisServer]:
@@ -250,6 +322,7 @@ class SentinelGroup:
         wait_for(
             lambda: self.sentinel.known_replica_ports() == replica_ports, "the sentinel to see the replicas"
         )
+        wait_for(self.sentinel.sees_master_up, "the sentinel to reach the master")
 
     def server_on(self, port: int) -> RedisServer:
         """Return the data server listening on `port`."""
@@ -280,9 +353,11 @@ class SentinelGroup:
 
 
 @contextlib.contextmanager
-def sentinel_group(service: str = "gwmaster", *, replicas: int = 1) -> Iterator[SentinelGroup]:
-    """Run a started `SentinelGroup` for the duration of the block; stop all its processes afterwards."""
-    group = SentinelGroup(service, replicas=replicas)
+def sentinel_group(
+    service: str = "gwmaster", *, replicas: int = 1, **options: Any
+) -> Iterator[SentinelGroup]:
+    """Run a started `SentinelGroup` (`options` as it takes them) for the block; stop all its processes afterwards."""
+    group = SentinelGroup(service, replicas=replicas, **options)
     try:
         group.start()
         yield group
