@@ -212,6 +212,16 @@ expect_render_failure "unknown key" --set unknownKey=1
 expect_render_failure "unknown nested key" --set config.jwt.secret=x
 expect_render_failure "sentinel without hosts" --set redis.mode=sentinel
 expect_render_failure "cluster without seed URL" --set redis.mode=cluster
+SENTINEL=(--set redis.mode=sentinel --set 'redis.sentinel.hosts={s-0:26379}' --set redis.sentinel.serviceName=m)
+expect_render_failure "sentinel password auth without a password" "${SENTINEL[@]}" --set redis.sentinel.auth=password
+expect_render_failure "sentinel redis_url auth with a password-less URL" "${SENTINEL[@]}" \
+    --set redis.sentinel.auth=redis_url --set redis.url=redis://primary/0
+expect_render_failure "sentinel tls without a rediss:// URL" "${SENTINEL[@]}" --set redis.sentinel.tls=true \
+    --set redis.url=redis://:pw@primary/0
+expect_render_failure "an unknown sentinel auth" "${SENTINEL[@]}" --set redis.sentinel.auth=acl
+expect_render_failure "a sentinel username without password auth" "${SENTINEL[@]}" --set redis.sentinel.username=gw
+expect_render_failure "sentinel auth outside sentinel mode" --set redis.url=redis://:pw@primary/0 \
+    --set redis.sentinel.auth=redis_url
 expect_render_failure "bad ownership mode" --set config.ownershipMode=anyone
 expect_render_failure "delete scope as a default" --set config.jwt.defaultScopes=convai:delete
 expect_render_failure "unknown default scope" --set config.jwt.defaultScopes="convai:session convai:feedback"
@@ -625,8 +635,23 @@ sentinel = expect_ok("sentinel-password-values")
 check(
     sentinel is not None
     and bool(sentinel.redis.sentinels)
-    and sentinel.redis.url == "redis://:ci-primary-password@ignored-host/2",
+    and sentinel.redis.url == "rediss://:ci-primary-password@ignored-host/2",
     "sentinel-password-values: REDIS_URL (primary password, database) does not reach the gateway",
+)
+# The sentinels' own credentials and TLS: REDIS_URL's password (the Bitnami default) over TLS here, a password
+# from the Secret (mounted as a file, never in the ConfigMap) for an ACL user in full-values.
+check(
+    sentinel is not None
+    and (sentinel.redis.sentinel_auth, sentinel.redis.sentinel_tls) == ("redis_url", True),
+    "sentinel-password-values: sentinel.auth redis_url / sentinel.tls do not reach the gateway",
+)
+check(
+    full is not None
+    and (full.redis.sentinel_auth, full.redis.sentinel_username) == ("password", "gateway")
+    and full.redis.sentinel_password is not None
+    and full.redis.sentinel_password.reveal() == "ci-sentinel-acl-password"
+    and not full.redis.sentinel_tls,
+    "full-values: the sentinels' ACL user and password (REDIS_SENTINEL_PASSWORD_FILE) do not reach the gateway",
 )
 # With /metrics on the http port, Prometheus must be admitted there by the NetworkPolicy.
 docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "sentinel-password-values.yaml"))) if d]

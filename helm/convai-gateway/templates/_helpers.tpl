@@ -90,6 +90,13 @@ Whether the files ConfigMap exists (gateway.toml or any public key).
 {{/*
 Secret keys exposed as env vars: extraKeys plus the keys of extraData, deduplicated and sorted.
 */}}
+{{/*
+"true" when the sentinels' password is read from the Secret (key REDIS_SENTINEL_PASSWORD).
+*/}}
+{{- define "convai-gateway.sentinelPassword" -}}
+{{- if and (eq .Values.redis.mode "sentinel") (eq (.Values.redis.sentinel.auth | default "none") "password") }}true{{ end }}
+{{- end }}
+
 {{- define "convai-gateway.extraSecretKeys" -}}
 {{- $keys := .Values.secret.extraKeys }}
 {{- if not .Values.secret.existingSecret }}
@@ -152,6 +159,16 @@ shadow = {{ $policy.shadow | toJson }}
 [redis]
 sentinels = {{ .Values.redis.sentinel.hosts | toJson }}
 sentinel_service = {{ .Values.redis.sentinel.serviceName | toJson }}
+{{- $auth := .Values.redis.sentinel.auth | default "none" }}
+{{- if ne $auth "none" }}
+sentinel_auth = {{ $auth | toJson }}
+{{- end }}
+{{- with .Values.redis.sentinel.username }}
+sentinel_username = {{ . | toJson }}
+{{- end }}
+{{- if .Values.redis.sentinel.tls }}
+sentinel_tls = true
+{{- end }}
 {{- else if eq .Values.redis.mode "cluster" }}
 
 [redis]

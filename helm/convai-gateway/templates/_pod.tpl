@@ -27,6 +27,11 @@ env:
         key: REDIS_URL
         optional: {{ if eq .Values.redis.mode "sentinel" }}true{{ else }}false{{ end }}
   {{- end }}
+  {{- if include "convai-gateway.sentinelPassword" . }}
+  # Mounted as a file beside the API key, like it: it stays out of /proc/<pid>/environ.
+  - name: REDIS_SENTINEL_PASSWORD_FILE
+    value: /var/run/secrets/convai-gateway/REDIS_SENTINEL_PASSWORD
+  {{- end }}
   {{- range (include "convai-gateway.extraSecretKeys" . | fromJsonArray) }}
   - name: {{ . }}
     valueFrom:
