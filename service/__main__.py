@@ -497,7 +497,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if settings.redis.cluster:
         redis = "cluster"
     elif settings.redis.sentinels:
-        redis = f"sentinel ({settings.redis.sentinel_service})"
+        # How the sentinels themselves are reached, never with what: no username, no password.
+        reached = [f"{settings.redis.sentinel_auth} auth"] if settings.redis.sentinel_auth != "none" else []
+        reached += ["TLS"] if settings.redis.sentinel_tls else []
+        redis = f"sentinel ({settings.redis.sentinel_service}{'; sentinels: ' if reached else ''}{', '.join(reached)})"
     elif settings.redis.url:
         redis = "standalone"
     print(

@@ -79,6 +79,38 @@ def test_check_config_lists_every_problem_and_exits_2() -> None:
     assert "Traceback" not in result.stderr
 
 
+SENTINEL_PASSWORD = "sentinel-cli-pw-3e9a7d1c"
+
+
+def test_check_config_names_how_the_sentinels_are_reached_without_their_password(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        '[redis]\nsentinels = ["127.0.0.1:1"]\nsentinel_service = "gwmaster"\n'
+        'sentinel_auth = "password"\nsentinel_username = "gw-user"\nsentinel_tls = true\n'
+    )
+    env = {
+        **VALID_ENV,
+        "GATEWAY_CONFIG": str(config),
+        "REDIS_URL": "rediss://127.0.0.1:1/0",
+        "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+    }
+    result = run_cli("check-config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "sentinel (gwmaster; sentinels: password auth, TLS)" in result.stdout
+    assert SENTINEL_PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_sentinel_password_without_sentinel_auth_exits_2_without_showing_it(command: str) -> None:
+    result = run_cli(command, env={**VALID_ENV, "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD})
+    assert result.returncode == 2, result.stderr
+    assert (
+        'REDIS_SENTINEL_PASSWORD: set, but only used with redis.sentinel_auth = "password"' in result.stderr
+    )
+    assert SENTINEL_PASSWORD not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("command", ["check-config", "serve"])
 def test_a_redis_url_overriding_the_redis_timeout_exits_2_without_its_password(command: str) -> None:
     url = "redis://:redis-url-pass-8c7d@127.0.0.1:1/0?socket_timeout=5"
