@@ -257,15 +257,17 @@ class ExplainingSentinel(Sentinel):
                 "REDIS_SENTINEL_PASSWORD, or reuse REDIS_URL's)"
             )
         if isinstance(exc, ResponseError):
-            return f"refused SENTINEL MASTERS ({type(exc).__name__}: check the sentinel user's ACL)"
+            # NOPERM from an ACL user without +sentinel, or ERR from a server that is no sentinel.
+            return f"refused SENTINEL MASTERS ({type(exc).__name__}: is it a sentinel? check its user's ACL)"
         if isinstance(exc, (TimeoutError, RedisTimeoutError)):
             return f"did not answer in time ({type(exc).__name__})"
         return f"could not be asked ({type(exc).__name__}: unreachable, or TLS expected on one side only)"
 
 
-# The REDIS_URL options that apply to the sentinels' connections too with `sentinel_tls`: the TLS ones only (a
-# sentinel has no database, and client_name, max_connections... describe the master's connections).
 def _sentinel_kwargs(topology: RedisTopology, timeout: float, url_kwargs: dict[str, Any]) -> dict[str, Any]:
+    # Of REDIS_URL's options only the credentials (with "redis_url") and the TLS ones (with sentinel_tls) reach the
+    # sentinels: a sentinel has no database (SELECT would fail each connection), and client_name,
+    # max_connections... describe the master's connections.
     kwargs = _timeouts(timeout)
     if topology.sentinel_auth == "password" and topology.sentinel_password is not None:
         kwargs["password"] = topology.sentinel_password.reveal()

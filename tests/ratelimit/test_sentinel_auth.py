@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
+from redis.asyncio.connection import SSLConnection
 
 from service.ledger import decode_entry, ledger_key
 from service.observability import mask_secrets
@@ -230,3 +231,30 @@ async def test_a_tls_only_sentinel_is_reached_over_tls_with_the_redis_url_tls_op
         async with gateway_on(emulator_url, group, tmp_path, extra, env) as gw:
             await assert_serves_through_the_master(gw, group)
             assert_no_secret(gw, PASSWORD)
+
+
+def test_sentinel_tls_takes_the_redis_url_tls_options_and_credentials_but_not_the_master_ones(
+    tls_files: TlsFiles,
+) -> None:
+    # Built, not used: which of REDIS_URL's options reach the sentinels' connections. A sentinel has no database
+    # (SELECT would fail each connection), and the client name and pool size describe the master's connections.
+    url = (
+        f"rediss://gw:{PASSWORD}@primary/3?ssl_ca_certs={tls_files.ca}&ssl_cert_reqs=required"
+        "&ssl_min_version=772&client_name=gw-master&max_connections=7"
+    )
+    topology = RedisTopology(
+        url=url,
+        sentinels=(("127.0.0.1", 1),),
+        sentinel_service=SERVICE,
+        sentinel_auth="redis_url",
+        sentinel_tls=True,
+    )
+    client = create_redis(topology, timeout=0.5)
+    sentinel_pool = client._convai_sentinel.sentinels[0].connection_pool
+    kwargs = sentinel_pool.connection_kwargs
+    assert issubclass(sentinel_pool.connection_class, SSLConnection)
+    assert kwargs["ssl_ca_certs"] == str(tls_files.ca) and kwargs["ssl_cert_reqs"] == "required"
+    assert kwargs["ssl_min_version"] == 772
+    assert (kwargs["username"], kwargs["password"]) == ("gw", PASSWORD)
+    assert kwargs["db"] == 0 and kwargs.get("client_name") is None  # redis-py's defaults, not the master's
+    assert sentinel_pool.max_connections != 7
