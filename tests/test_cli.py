@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
 import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from service.auth import Authenticator
 from service.http_hygiene import listens_on_loopback_only
 from service.settings import load_settings
 from tests.auth.support import public_pem
-from tests.support.dev_command import running_dev_command
+from tests.support.dev_command import next_line_with, output_lines, running_dev_command
 from tests.support.servers import RedisServer, free_port
 from tests.test_serve import assert_connection_problem
 from tests.test_server_protocol import read_until_closed
@@ -482,28 +480,13 @@ def test_dev_ignores_x_forwarded_for_as_serve_does() -> None:
     # uvicorn's proxy-header handling was on in `dev` (`serve` turns it off): a local client could rewrite the
     # client IP that rate limits and the access log use, with any X-Forwarded-For.
     request_id = "xff-" + secrets.token_hex(8)
-    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev:
-        output = dev.process.stdout
-        assert output is not None
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for printed in output:
-                lines.put(printed)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev, output_lines(dev) as lines:
         response = httpx.get(
             f"http://127.0.0.1:{dev.port}/healthz",
             headers={"X-Forwarded-For": "203.0.113.9", "X-Request-ID": request_id},
         )
         assert response.status_code == 200
-        while True:  # the request's access line (queue.Empty after 10 s fails the test)
-            line = lines.get(timeout=10)
-            if request_id in line:
-                break
-        dev.process.terminate()
-        reader.join(timeout=20)
+        line = next_line_with(lines, request_id)  # the request's access line
     access = json.loads(line)
     assert access["client_ip"] == "127.0.0.1", access
 
@@ -512,17 +495,7 @@ def test_dev_logs_and_counts_a_misdirected_request_like_every_other_refusal() ->
     # The 421 is answered in front of the gateway app (whose middleware logs and counts every request): it
     # wrote no access line and no count, so a DNS-rebinding attempt left no trace an operator could see.
     request_id = "rebound-" + secrets.token_hex(8)
-    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev:
-        output = dev.process.stdout
-        assert output is not None
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for printed in output:
-                lines.put(printed)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
+    with running_dev_command({"LOG_LEVEL": "INFO"}) as dev, output_lines(dev) as lines:
         refused = httpx.get(
             f"http://127.0.0.1:{dev.port}/v1/convai/conversations?page_size=5",
             headers={"Host": "evil.example", "X-Request-ID": request_id},
@@ -531,12 +504,7 @@ def test_dev_logs_and_counts_a_misdirected_request_like_every_other_refusal() ->
         assert refused.headers["x-request-id"] == request_id
         # Counted before its bytes left, like the refusals of `serve`'s HTTP layer.
         metrics = httpx.get(f"http://127.0.0.1:{dev.port}/metrics").text
-        while True:  # the refusal's access line (queue.Empty after 10 s fails the test)
-            line = lines.get(timeout=10)
-            if request_id in line:
-                break
-        dev.process.terminate()
-        reader.join(timeout=20)
+        line = next_line_with(lines, request_id)  # the refusal's access line
     access = json.loads(line)
     assert access["logger"] == "convai_gateway.access"
     assert (access["status"], access["route"], access["method"]) == (421, "unmatched", "GET")

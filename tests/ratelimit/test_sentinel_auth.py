@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio.connection import SSLConnection
@@ -98,18 +99,24 @@ def assert_no_secret(gw: Gateway, *secrets: str) -> None:
     assert not leaked, leaked
 
 
+def password_protected_group(**options: Any) -> contextlib.AbstractContextManager[SentinelGroup]:
+    """Return a one-master sentinel group whose sentinel requires PASSWORD (`options` go to sentinel_group)."""
+    return sentinel_group(
+        SERVICE,
+        replicas=0,
+        sentinel_config=(f"requirepass {PASSWORD}",),
+        sentinel_client_options={"password": PASSWORD},
+        **options,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- requirepass
 
 
 async def test_a_sentinel_with_requirepass_names_no_master_without_the_password_and_the_log_says_why(
     emulator_url: str, tmp_path: Path
 ) -> None:
-    with sentinel_group(
-        SERVICE,
-        replicas=0,
-        sentinel_config=(f"requirepass {PASSWORD}",),
-        sentinel_client_options={"password": PASSWORD},
-    ) as group:
+    with password_protected_group() as group:
         async with gateway_on(emulator_url, group, tmp_path) as gw:
             line = await no_master_line(gw)
             host, port = group.sentinel.address
@@ -135,12 +142,7 @@ async def test_a_sentinel_with_requirepass_names_no_master_without_the_password_
 async def test_a_wrong_sentinel_password_is_logged_as_refused_without_showing_it(
     emulator_url: str, tmp_path: Path
 ) -> None:
-    with sentinel_group(
-        SERVICE,
-        replicas=0,
-        sentinel_config=(f"requirepass {PASSWORD}",),
-        sentinel_client_options={"password": PASSWORD},
-    ) as group:
+    with password_protected_group() as group:
         env = {"REDIS_SENTINEL_PASSWORD": WRONG_PASSWORD}
         async with gateway_on(emulator_url, group, tmp_path, 'sentinel_auth = "password"\n', env) as gw:
             line = await no_master_line(gw)
@@ -157,13 +159,7 @@ async def test_sentinel_auth_redis_url_reuses_the_redis_password_for_the_sentine
     emulator_url: str, tmp_path: Path
 ) -> None:
     # As the Bitnami chart deploys it: master, replicas and sentinels all behind the one Redis password.
-    with sentinel_group(
-        SERVICE,
-        replicas=0,
-        password=PASSWORD,
-        sentinel_config=(f"requirepass {PASSWORD}",),
-        sentinel_client_options={"password": PASSWORD},
-    ) as group:
+    with password_protected_group(password=PASSWORD) as group:
         env = {"REDIS_URL": f"redis://:{PASSWORD}@ignored-host/0"}
         async with gateway_on(emulator_url, group, tmp_path, env=env) as gw:
             # REDIS_URL's password reaches the master only: the sentinels were asked without one.
@@ -211,13 +207,7 @@ async def test_a_tls_only_sentinel_is_reached_over_tls_with_the_redis_url_tls_op
 ) -> None:
     # The sentinel listens on TLS only (port 0), with client certificates required and a password, and names
     # the master's TLS port: only a TLS connection with REDIS_URL's CA and client certificate gets an answer.
-    with sentinel_group(
-        SERVICE,
-        replicas=0,
-        tls=tls_files,
-        sentinel_config=(f"requirepass {PASSWORD}",),
-        sentinel_client_options={"password": PASSWORD},
-    ) as group:
+    with password_protected_group(tls=tls_files) as group:
         url = (
             f"rediss://127.0.0.1/0?ssl_ca_certs={tls_files.ca}&ssl_certfile={tls_files.client_cert}"
             f"&ssl_keyfile={tls_files.client_key}&ssl_cert_reqs=required"

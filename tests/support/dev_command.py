@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -49,3 +51,31 @@ def running_dev_command(env: Mapping[str, str] | None = None) -> Iterator[DevCom
         process.terminate()
         process.wait(timeout=20)
         process.stdout.close()
+
+
+@contextlib.contextmanager
+def output_lines(dev: DevCommand) -> Iterator[queue.Queue[str]]:
+    """Queue the rest of `dev`'s output as a thread reads it; stop the command and wait for the thread after."""
+    output = dev.process.stdout
+    assert output is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for printed in output:
+            lines.put(printed)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield lines
+    finally:
+        dev.process.terminate()
+        reader.join(timeout=20)
+
+
+def next_line_with(lines: queue.Queue[str], text: str, timeout: float = 10.0) -> str:
+    """Return the next queued line holding `text` (queue.Empty, failing the test, if none comes in time)."""
+    while True:
+        line = lines.get(timeout=timeout)
+        if text in line:
+            return line
