@@ -250,9 +250,8 @@ async def test_a_close_cancelled_while_it_stops_the_recheck_is_cancelled(group: 
     try:
         await client.set("recheck", "1")  # a pooled connection to the master, found through the sentinel
         pool.recheck_seconds = 0  # every command starts a recheck
-        group.sentinel.process.send_signal(
-            signal.SIGSTOP
-        )  # the next recheck hangs: the sentinel never answers
+        # The next recheck hangs: the sentinel never answers.
+        group.sentinel.process.send_signal(signal.SIGSTOP)
         await client.set("recheck", "2")
         recheck = pool._recheck
         assert recheck is not None
