@@ -154,6 +154,22 @@ async def test_a_dead_server_fails_every_caller_then_the_client_recovers(
     assert list(await asyncio.gather(client.set("k", "v"), client.get("missing"))) == [True, None]
 
 
+async def test_a_batch_on_connections_the_server_dropped_is_retried_on_fresh_ones(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    admin.set("a", "1")
+    client = make_client()
+    # One batch: one pooled connection, about to go stale.
+    await asyncio.gather(client.get("a"), client.get("a"), client.incr("n"))
+    assert connections_under_test(admin) == 1
+    admin.client_kill_filter(_type="normal", skipme=True)
+    # The first attempt finds the connection closed ("Connection closed by server"); the client's one
+    # immediate retry sends the whole batch again on a fresh connection: no caller sees the drop.
+    replies = await asyncio.gather(client.get("a"), client.incr("n"), client.get("missing"))
+    assert list(replies) == ["1", 2, None]
+    assert connections_under_test(admin) == 1
+
+
 async def test_a_stalled_server_fails_the_batch_within_its_deadline(
     make_client: MakeClient, redis_server: RedisServer
 ) -> None:
