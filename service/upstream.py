@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import functools
 import http.cookiejar
@@ -469,6 +470,18 @@ class AudioStream:
             raise failure.error from exc
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What every request of one client shares, and the client state it was prepared from."""
+
+    base_url: httpx.URL
+    timeout: httpx.Timeout
+    raw: list[tuple[bytes, bytes]]
+    prefix: str
+    headers: httpx.Headers
+    extensions: dict[str, Any]
+
+
 class UpstreamClient:
     """Typed calls to the 7 upstream endpoints, with status mapping, retries and metrics hooks.
 
@@ -502,7 +515,7 @@ class UpstreamClient:
         self._random = random
         self._clock = clock
         self._wall_clock = wall_clock
-        self._base: tuple[httpx.URL, str] | None = None
+        self._prepared: _Prepared | None = None
         key = http.headers.get("xi-api-key")
         self._api_key = key.encode() if key else None
 
@@ -596,39 +609,68 @@ class UpstreamClient:
     def _build_request(
         self, method: str, path: str, params: list[tuple[str, str]] | None, json_body: Any
     ) -> httpx.Request:
-        """Build the request `AsyncClient.build_request` would, parsing its URL once instead of three times."""
+        """Build the request `AsyncClient.build_request` would, from headers and a base URL prepared once."""
         http = self._http
-        prefix = self._url_prefix(http.base_url)
-        if prefix is None or http.cookies:
+        prepared = self._prepare(http)
+        if prepared is None or http.cookies:
             query = httpx.QueryParams(tuple(params)) if params else None
             return http.build_request(
                 method, path, params=query, json=json_body, extensions={READ_WHOLE_BODY: True}
             )
-        # Same merge as httpx's (`base_url.raw_path + path.lstrip("/")`, params urlencoded), done on strings:
-        # build_request parsed the path, the merged URL and the URL with its params, ~45 us per call.
-        url = prefix + path.lstrip("/")
+        headers = prepared.headers
+        content = b"" if json_body is None else _JSON_ENCODER.encode(json_body).encode()
+        if json_body is not None or method in ("POST", "PUT", "PATCH"):
+            # What httpx's encode_json and Request._prepare add for a body (an empty POST says so too).
+            headers = httpx.Headers(headers)
+            headers.setdefault("Content-Length", str(len(content)))
+            if json_body is not None:
+                headers.setdefault("Content-Type", "application/json")
+        # Given a stream, httpx.Request keeps the headers as they are: without one it would normalise them all
+        # again and look up Host and Content-Length to add what `prepared` already holds (~60-70 k instructions
+        # per call, 2-3 % of a gateway request).
+        url = prepared.prefix + path.lstrip("/")
         if params:
             # httpx.QueryParams groups a repeated key's values under its first occurrence; so does this.
             grouped: dict[str, list[str]] = {}
             for key, value in params:
                 grouped.setdefault(key, []).append(value)
             url += "?" + urlencode([(key, value) for key, values in grouped.items() for value in values])
-        return httpx.Request(
-            method, _parsed_url(url), headers=http.headers, json=json_body,
-            extensions={"timeout": http.timeout.as_dict(), READ_WHOLE_BODY: True},
-        )  # fmt: skip
+        request = httpx.Request(
+            method,
+            _parsed_url(url),
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions=prepared.extensions,
+        )
+        request.read()  # sets `content`: the transport sends it whole
+        return request
 
-    def _url_prefix(self, base_url: httpx.URL) -> str | None:
-        """Return the base URL as a string (httpx keeps its path ending in "/"), or None to use httpx's merge."""
-        cached = self._base
-        if cached is not None and cached[0] is base_url:
-            return cached[1]
-        prefix: str | None = None
-        if base_url.is_absolute_url and not base_url.query and not base_url.fragment:
-            raw_path = base_url.raw_path.decode("ascii")
-            prefix = f"{base_url.scheme}://{base_url.netloc.decode('ascii')}{raw_path}"
-        self._base = (base_url, prefix) if prefix is not None else None
-        return prefix
+    def _prepare(self, http: httpx.AsyncClient) -> _Prepared | None:
+        """Return the client's base URL, headers (Host first) and extensions as its requests carry them."""
+        cached = self._prepared
+        raw = http.headers.raw
+        if (
+            cached is not None
+            and cached.base_url is http.base_url
+            and cached.timeout is http.timeout
+            and cached.raw == raw
+        ):
+            return cached
+        base_url = http.base_url
+        self._prepared = None
+        if not base_url.is_absolute_url or base_url.query or base_url.fragment:
+            return None  # httpx's merge
+        # Same merge as httpx's (`base_url.raw_path + path.lstrip("/")`), done on strings.
+        prefix = f"{base_url.scheme}://{base_url.netloc.decode('ascii')}{base_url.raw_path.decode('ascii')}"
+        self._prepared = _Prepared(
+            base_url=base_url,
+            timeout=http.timeout,
+            raw=raw,
+            prefix=prefix,
+            headers=httpx.Headers([(b"Host", base_url.netloc), *raw]),
+            extensions={"timeout": http.timeout.as_dict(), READ_WHOLE_BODY: True},
+        )
+        return self._prepared
 
     async def _send(
         self, endpoint: str, request: httpx.Request, *, retryable: bool, stream: bool
@@ -764,6 +806,8 @@ def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+# As httpx's encode_json, built once: json.dumps builds an encoder on every call that passes options.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # Built once: json.loads builds a decoder on every call that passes options (~6 us for a list page).
 _JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 

@@ -106,3 +106,31 @@ async def test_requests_match_httpx_build_request(recorder: tuple[Recorder, Serv
     assert sent[0]["raw_path"].startswith(prefix.encode() + b"/v1/convai/conversations")
     # A repeated key's values travel together, as httpx.QueryParams orders them.
     assert sent[0]["query"].startswith(b"agent_id=agent+1%26x%3D2&agent_id=dup&cursor=")
+
+
+async def test_requests_follow_the_clients_headers_and_base_url_when_changed(
+    recorder: tuple[Recorder, ServedApp],
+) -> None:
+    """A header set in place, a new header set and a new base URL reach the next call, as with build_request."""
+    app, served = recorder
+    http = httpx.AsyncClient(
+        base_url=served.url,
+        transport=create_transport("aiohttp"),
+        headers={"xi-api-key": API_KEY},
+        cookies=_no_cookies(),
+        trust_env=False,
+    )
+    client = UpstreamClient(http, max_retries=0)
+    async with http:
+        app.seen.clear()
+        await client.get_conversation("c1")
+        http.headers["x-added"] = "in place"
+        await client.get_conversation("c2")
+        http.headers = {"xi-api-key": API_KEY + "-2"}
+        http.base_url = httpx.URL(served.url + "/moved")
+        await client.get_conversation("c3")
+    first, second, third = (dict(seen["headers"]) for seen in app.seen)
+    assert b"x-added" not in first
+    assert second[b"x-added"] == b"in place"
+    assert third[b"xi-api-key"] == (API_KEY + "-2").encode() and b"x-added" not in third
+    assert app.seen[2]["raw_path"] == b"/moved/v1/convai/conversations/c3"
