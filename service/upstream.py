@@ -116,7 +116,7 @@ class UnreadableBody(httpx.DecodingError):
 async def _read_whole(
     response: aiohttp.ClientResponse, limit: int, request: httpx.Request
 ) -> tuple[bytes, Sequence[tuple[bytes, bytes]]]:
-    """Read a response body, decoded, refusing one that is (or inflates to) more than `limit` bytes."""
+    """Read a response body, decoded, refusing one over `limit` bytes; return it with headers whose length is its."""
     length = response.content_length
     if length is not None and length > limit:
         raise UnreadableBody(f"body of {length} bytes is over the limit", request=request)
@@ -133,11 +133,14 @@ async def _read_whole(
         raw = b"".join(chunks)
     coding = response.headers.get("Content-Encoding", "").strip().lower()
     if coding in ("", "identity"):
-        return raw, response.raw_headers
+        if length is not None:
+            return raw, response.raw_headers
+        return raw, [*response.raw_headers, (b"Content-Length", b"%d" % len(raw))]
     # httpx would inflate it whole: a 100 KB gzip body of whitespace is 100 MB of valid JSON.
     body = _inflate(raw, coding, limit, request)
     skipped = (b"content-encoding", b"content-length")
-    return body, [(name, value) for name, value in response.raw_headers if name.lower() not in skipped]
+    kept = [(name, value) for name, value in response.raw_headers if name.lower() not in skipped]
+    return body, [*kept, (b"Content-Length", b"%d" % len(body))]
 
 
 def _inflate(raw: bytes, coding: str, limit: int, request: httpx.Request) -> bytes:
@@ -317,13 +320,19 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
                 raise _httpx_error_for(exc, request) from exc
             finally:
                 response.release()
-            return httpx.Response(
+            whole = httpx.Response(
                 status_code=response.status,
                 headers=raw_headers,
-                content=body,
+                stream=httpx.ByteStream(body),
                 request=request,
                 extensions=extensions,
             )
+            # What Response(content=body) ends with, without running the body through httpx's decoders and
+            # chunkers (nothing left to decode; ~10 us a call). `_content` is where httpx keeps a read body
+            # (tested: `content` would raise ResponseNotRead if that changed).
+            whole._content = body
+            whole.is_stream_consumed = whole.is_closed = True
+            return whole
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,

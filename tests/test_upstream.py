@@ -677,6 +677,35 @@ async def test_transport_reads_a_small_body_whole_only_when_asked() -> None:
         await transport.aclose()
 
 
+async def test_a_whole_read_response_is_closed_with_its_content_and_length() -> None:
+    """A whole-read answer (sized or chunked) is what Response(content=...) makes: read, closed, its length set."""
+    payload = b'{"conversations":[],"has_more":false}'
+
+    async def sized(request: Request) -> Response:
+        return Response(payload, media_type="application/json")
+
+    async def chunked(request: Request) -> Response:
+        async def parts() -> AsyncIterator[bytes]:
+            yield payload[:10]
+            yield payload[10:]
+
+        return StreamingResponse(parts(), media_type="application/json")
+
+    app = Starlette(routes=[Route("/sized", sized), Route("/chunked", chunked)])
+    transport = AiohttpUpstreamTransport()
+    try:
+        with serve_http(app) as served:
+            for path in ("/sized", "/chunked"):
+                request = httpx.Request("GET", served.url + path, extensions={READ_WHOLE_BODY: True})
+                whole = await transport.handle_async_request(request)
+                assert whole.content == payload and await whole.aread() == payload
+                assert whole.is_closed and whole.is_stream_consumed
+                assert whole.headers.get_list("content-length") == [str(len(payload))]
+                assert [chunk async for chunk in whole.aiter_bytes()] == [payload]
+    finally:
+        await transport.aclose()
+
+
 async def test_transport_reads_whole_up_to_its_limit_and_refuses_more() -> None:
     limit = 64 * 1024
 
