@@ -20,11 +20,10 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -155,7 +154,10 @@ def _data_collection_param(value: str) -> str:
 
 
 def list_query(
-    params: QueryParams, principal: Principal, allowed_agent_ids: frozenset[str], sealer: CursorSealer
+    params: Iterable[tuple[str, str]],
+    principal: Principal,
+    allowed_agent_ids: frozenset[str],
+    sealer: CursorSealer,
 ) -> list[tuple[str, str]]:
     """Validate the list query and return the upstream parameters, `user_id` = the caller first."""
     singles, repeated = validation.strict_query(

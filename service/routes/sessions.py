@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -175,7 +175,10 @@ def conversation_id_from(body: Mapping[str, Any], signed_url: str) -> str:
     """Return the conversation id from the upstream body, else from the signed URL's query; 502 if none."""
     from_body = body.get("conversation_id")
     body_id = from_body if isinstance(from_body, str) and validation.is_valid_id(from_body) else None
-    url_values = parse_qs(urlsplit(signed_url).query).get("conversation_id", [])
+    # What parse_qs(...).get("conversation_id") gives: parse_qs drops blank values.
+    url_values = [
+        v for k, v in validation.query_pairs(urlsplit(signed_url).query) if k == "conversation_id" and v
+    ]
     url_id = url_values[0] if len(url_values) == 1 and validation.is_valid_id(url_values[0]) else None
     if body_id is not None and url_id is not None and body_id != url_id:
         # Recording either could make the caller the owner of a conversation it is not having.

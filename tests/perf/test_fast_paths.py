@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import string
+from urllib.parse import parse_qsl
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.observability import _SECRET_PATTERNS, Metrics, mask_secrets
+from service.validation import query_pairs
 from tests.perf.load import Workload, lua_script, parse_wrk
 
 FRAGMENTS = (
@@ -112,3 +114,14 @@ def test_lua_script_carries_method_headers_and_body() -> None:
         in script
     )
     assert "thread:stop" not in script
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["a", "=", "&", "%", "+", "%2B", "%3D", "%26", "%FF", "é", " ", "conversation_id"])
+    )
+)
+def test_query_pairs_split_exactly_like_parse_qsl(parts: list[str]) -> None:
+    query = "".join(parts)
+    assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
