@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -50,6 +50,7 @@ from service.ownership import (
 )
 from service.ratelimit import enforce
 from service.redaction import redact
+from service.responses import JsonAnswer
 from service.settings import DELETE_SCOPE, HISTORY_SCOPE
 from service.state import principal_of, services_of
 
@@ -449,8 +450,8 @@ async def delete_conversation(request: Request) -> Response:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _json(content: Any, headers: Mapping[str, str]) -> JSONResponse:
-    return JSONResponse(content, headers=headers)
+def _json(content: Any, headers: Mapping[str, str]) -> JsonAnswer:
+    return JsonAnswer(content, headers=headers)
 
 
 async def _admit(

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from service import validation
@@ -35,6 +35,7 @@ from service.errors import InvalidRequest, UpstreamError, headers_on_error, upst
 from service.ledger import LedgerEntry
 from service.observability import audit, current_request_id
 from service.ratelimit import Decision, enforce
+from service.responses import JsonAnswer
 from service.settings import SESSION_SCOPE
 from service.state import Services, principal_of, services_of
 
@@ -211,20 +212,19 @@ def _optional_id(singles: Mapping[str, str], name: str) -> str | None:
 
 
 def _no_store(handler: Handler) -> Handler:
-    # Token routes must never be cached, errors included (DESIGN section 1).
+    # Token routes must never be cached, errors included (DESIGN section 1). Their answers come from `_json`,
+    # which renders the headers with the rest: set here as well, they cost ~1 % of a mint in MutableHeaders.
     async def wrapped(request: Request) -> Response:
         with headers_on_error(NO_STORE_HEADERS):
-            response = await handler(request)
-        response.headers.update(NO_STORE_HEADERS)
-        return response
+            return await handler(request)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
-def _json(content: dict[str, Any], headers: Mapping[str, str]) -> JSONResponse:
-    return JSONResponse(content, headers={**headers, **NO_STORE_HEADERS})
+def _json(content: dict[str, Any], headers: Mapping[str, str]) -> JsonAnswer:
+    return JsonAnswer(content, headers={**headers, **NO_STORE_HEADERS})
 
 
 routes: list[Route] = make_routes()

@@ -7,8 +7,10 @@ from urllib.parse import parse_qsl
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.responses import JSONResponse
 
 from service.observability import _SECRET_PATTERNS, Metrics, mask_secrets
+from service.responses import JsonAnswer
 from service.validation import query_pairs
 from tests.perf.load import Workload, lua_script, parse_wrk
 
@@ -125,3 +127,16 @@ def test_lua_script_carries_method_headers_and_body() -> None:
 def test_query_pairs_split_exactly_like_parse_qsl(parts: list[str]) -> None:
     query = "".join(parts)
     assert query_pairs(query) == parse_qsl(query, keep_blank_values=True)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_json_answers_render_exactly_like_starlette(content: object) -> None:
+    assert JsonAnswer(content).body == JSONResponse(content).body
