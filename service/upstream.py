@@ -282,11 +282,11 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             data = request.stream  # type: ignore[assignment]
             request.headers.pop("transfer-encoding", None)  # aiohttp frames the body itself
-        headers = _header_pairs(request.headers)
+        headers: Sequence[tuple[str, str]] = _header_pairs(tuple(request.headers.raw))
         if self._proxy_headers is not None and request.url.scheme == "http":
             # A plain-http request goes to the proxy itself, so its credentials ride on it; aiohttp sends
             # proxy_headers only on the CONNECT that tunnels an https request.
-            headers.extend(self._proxy_headers.items())
+            headers = [*headers, *self._proxy_headers.items()]
         try:
             response = await session.request(
                 method=request.method,
@@ -296,11 +296,8 @@ class AiohttpUpstreamTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 auto_decompress=False,
                 compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=total,
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                    connect=timeout.get("pool"),
+                timeout=_client_timeout(
+                    total, timeout.get("connect"), timeout.get("read"), timeout.get("pool")
                 ),
                 server_hostname=request.extensions.get("sni_hostname"),
                 proxy=self._proxy,
@@ -356,10 +353,21 @@ def split_proxy_url(url: str) -> tuple[str, str | None]:
     return urlunsplit((parts.scheme, netloc_without_credentials(parts), "", "", "")), authorization
 
 
-def _header_pairs(headers: httpx.Headers) -> list[tuple[str, str]]:
-    # What iterating httpx.Headers yields, decoded with one lookup of its encoding instead of one per item.
-    encoding = headers.encoding
-    return [(name.decode(encoding), value.decode(encoding)) for name, value in headers.raw]
+@functools.lru_cache(maxsize=256)
+def _header_pairs(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[str, str], ...]:
+    """Decode request headers as iterating httpx.Headers would; a client's requests repeat the same few sets."""
+    # Each request holds its own copy of the client's headers, so httpx would work out their encoding (a decode
+    # of every name and value) and decode them again on every call.
+    encoding = httpx.Headers(list(raw)).encoding
+    return tuple((name.decode(encoding), value.decode(encoding)) for name, value in raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(
+    total: float | None, connect: float | None, read: float | None, pool: float | None
+) -> aiohttp.ClientTimeout:
+    """Return aiohttp's (immutable) timeouts for httpx's: built once per set instead of per request."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read, connect=pool)
 
 
 def create_transport(
