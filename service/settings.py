@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import SplitResult, parse_qs, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -910,6 +910,27 @@ def _check_redis_values(reader: _Reader, parts: SplitResult) -> None:
             reader.problems.append(f"REDIS_URL: the query option {name} must be {allowed}; URL not shown")
     if parts.scheme == "rediss":
         _check_redis_tls(reader, {name: values[0] for name, values in query.items()})
+    if parts.scheme != "unix":  # a unix:// URL's path is the socket; its database comes from `?db=` alone
+        _check_redis_path(reader, parts.path, query.get("db", []))
+
+
+_DB_PATH = re.compile(r"/([0-9]{1,9})")
+
+
+def _check_redis_path(reader: _Reader, path: str, db_options: list[str]) -> None:
+    # redis-py reads the path as `int(unquote(path).replace("/", ""))` and silently ignores one int() cannot read
+    # (`/abc`, `/0x`), reads `/1/2` as 12 and `/-1` as a database every connection then fails to SELECT, and
+    # ignores the path altogether when `?db=` is given: each time the gateway used another database than meant.
+    if path in ("", "/"):
+        return
+    number = _DB_PATH.fullmatch(unquote(path))
+    if number is None:
+        reader.problems.append("REDIS_URL: a path must be a database number (0 or more); URL not shown")
+    elif any(_DIGITS.fullmatch(db) and int(db) != int(number[1]) for db in db_options):
+        reader.problems.append(
+            "REDIS_URL: the path and the query option db name different databases (redis-py would ignore the "
+            "path); give the database once; URL not shown"
+        )
 
 
 _REDIS_KEYS: Final = (

@@ -77,6 +77,15 @@ def test_check_config_lists_every_problem_and_exits_2() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_refuses_a_redis_url_path_that_is_no_database_number() -> None:
+    url = "redis://:redis-cli-pw-41c7@127.0.0.1:6379/abc"
+    result = run_cli("check-config", env={**VALID_ENV, "REDIS_URL": url})
+    assert result.returncode == 2
+    assert "REDIS_URL: a path must be a database number (0 or more)" in result.stderr
+    assert "redis-cli-pw" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 SENTINEL_PASSWORD = "sentinel-cli-pw-3e9a7d1c"
 
 

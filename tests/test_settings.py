@@ -317,11 +317,50 @@ def test_good_redis_url_option_values_are_kept(tls_files: TlsFiles) -> None:
         "&ssl_include_verify_flags=[VERIFY_X509_STRICT, VERIFY_X509_PARTIAL_CHAIN]"
         "&ssl_exclude_verify_flags=VERIFY_X509_TRUSTED_FIRST"
     )
-    url = f"rediss://user:pass@127.0.0.1:6380/0?{options}"
+    url = f"rediss://user:pass@127.0.0.1:6380/3?{options}"
     assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
     for value in ("none", "optional"):
         url = f"rediss://127.0.0.1:6380?ssl_cert_reqs={value}&ssl_check_hostname=f&ssl_min_version=771"
         assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
+
+
+@pytest.mark.parametrize(
+    "path", ["/abc", "/0x", "/-1", "/1/2", "/1%2F2", "/%20", "/1.0", "/1_0", "/" + "9" * 10]
+)
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_a_redis_url_path_that_is_no_database_number_is_refused(scheme: str, path: str) -> None:
+    # redis-py ignores a path int() cannot read (and reads `/1/2` as 12), so the gateway used database 0 (or
+    # another) while the operator meant a different one.
+    found = problems({**GOOD, "REDIS_URL": f"{scheme}://:hunter2-url-pass@127.0.0.1:6380{path}"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert "path must be a database number (0 or more)" in problem
+    assert "hunter2-url-pass" not in problem and "127.0.0.1" not in problem and path not in problem
+
+
+def test_a_redis_url_path_and_a_different_db_option_are_refused() -> None:
+    # redis-py takes `?db=` and ignores the path when both are given.
+    found = problems({**GOOD, "REDIS_URL": "redis://:hunter2-url-pass@127.0.0.1:6380/2?db=3"})
+    (problem,) = [p for p in found if p.startswith("REDIS_URL:")]
+    assert "path" in problem and "db" in problem and "hunter2-url-pass" not in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6380",
+        "redis://127.0.0.1:6380/",
+        "redis://127.0.0.1:6380/0",
+        "rediss://127.0.0.1:6380/15",
+        "redis://127.0.0.1:6380/%31",  # redis-py percent-decodes the path: database 1
+        "redis://127.0.0.1:6380/3?db=3",
+        "redis://127.0.0.1:6380?db=3",
+        # A unix:// URL's path is the socket; its database comes from `?db=`.
+        "unix:///run/redis/redis.sock",
+        "unix:///run/redis/redis.sock?db=2",
+    ],
+)
+def test_a_redis_url_path_naming_a_database_or_the_socket_is_kept(url: str) -> None:
+    assert load_settings({**GOOD, "REDIS_URL": url}).redis.url == url
 
 
 def test_a_redis_url_option_name_that_looks_like_no_option_is_not_echoed() -> None:
