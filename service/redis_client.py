@@ -151,6 +151,9 @@ class FollowingSentinelPool(SentinelConnectionPool):
             # can serve. Connections handed out later compare against the answer (`ensure_connection`).
             self._checked_at = now
             self._recheck = asyncio.get_running_loop().create_task(self._ask_sentinels())
+            # Cleared by a done-callback, not by the recheck itself: a task cancelled before its first step never
+            # runs its body, and a recheck left set for good would stop this pool asking the sentinels again.
+            self._recheck.add_done_callback(self._recheck_done)
         # Passed on as given: redis-py warns (deprecated) when a command name or keys are passed at all.
         connection: Connection = await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
         return connection
@@ -179,7 +182,9 @@ class FollowingSentinelPool(SentinelConnectionPool):
             if self._sentinels_failing:
                 self._sentinels_failing = False
                 logger.info("Redis Sentinel: the sentinels name the master of %r again", self.service_name)
-        finally:
+
+    def _recheck_done(self, task: asyncio.Task[None]) -> None:
+        if self._recheck is task:
             self._recheck = None
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:

@@ -242,6 +242,38 @@ async def test_sentinels_that_stop_answering_are_logged_once_and_their_return_to
         await close_redis(client)
 
 
+async def test_a_recheck_cancelled_before_it_first_runs_does_not_end_the_rechecks(
+    group: SentinelGroup,
+) -> None:
+    # A task cancelled before its first step never runs its body, so a reset in the recheck's own `finally` never
+    # ran and the pool, seeing a recheck still "in flight", would never ask the sentinels again.
+    topology = RedisTopology(sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
+    client = create_redis(topology, timeout=5.0)
+    pool = client.connection_pool
+    cancelled: list[asyncio.Task[None]] = []
+
+    def cancel_the_new_recheck() -> None:
+        task = pool._recheck
+        assert task is not None and not task.done()
+        task.cancel()
+        cancelled.append(task)
+
+    try:
+        await client.set("recheck", "1")  # a pooled connection to the master, found through the sentinel
+        pool.recheck_seconds = 0  # every command starts a recheck
+        # Queued before the command creates its recheck, so it runs before the recheck's first step.
+        asyncio.get_running_loop().call_soon(cancel_the_new_recheck)
+        await pool.release(await pool.get_connection())
+        await asyncio.sleep(0)  # one pass of the loop, if the command did not yield: the queued cancel runs
+        (recheck,) = cancelled
+        await asyncio.wait([recheck])
+        assert recheck.cancelled()
+        assert pool._recheck is None
+        await recheck_rounds(client, 2)  # and the sentinels are asked again
+    finally:
+        await close_redis(client)
+
+
 async def test_a_close_cancelled_while_it_stops_the_recheck_is_cancelled(group: SentinelGroup) -> None:
     topology = RedisTopology(sentinels=(group.sentinel.address,), sentinel_service=SERVICE)
     client = create_redis(topology, timeout=5.0)
