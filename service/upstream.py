@@ -497,6 +497,12 @@ class _Prepared:
     prefix: str
     headers: httpx.Headers
     extensions: dict[str, Any]
+    api_keys: tuple[bytes, ...]
+
+
+def _api_keys(headers: httpx.Headers) -> tuple[bytes, ...]:
+    """Return the non-empty `xi-api-key` values of request headers, as they go on the wire."""
+    return tuple(value for name, value in headers.raw if name.lower() == b"xi-api-key" and value)
 
 
 class UpstreamClient:
@@ -533,8 +539,6 @@ class UpstreamClient:
         self._clock = clock
         self._wall_clock = wall_clock
         self._prepared: _Prepared | None = None
-        key = http.headers.get("xi-api-key")
-        self._api_key = key.encode() if key else None
 
     # --- endpoints ---
 
@@ -599,7 +603,7 @@ class UpstreamClient:
         retryable: bool,
         valid: Callable[[Any], bool] | None = None,
     ) -> Any:
-        request = self._build_request(method, path, params, json_body)
+        request, api_keys = self._build_request(method, path, params, json_body)
         started = self._clock()
         try:
             response = await self._send(endpoint, request, retryable=retryable, stream=False)
@@ -610,9 +614,10 @@ class UpstreamClient:
             # Feedback and delete are documented as "any JSON"; an empty body is answered as {}.
             self._record(endpoint, "ok", self._clock() - started)
             return {}
-        if self._api_key is not None and self._api_key in response.content:
+        if any(key in response.content for key in api_keys):
             # An upstream or an intermediary echoing the request's headers: routes pass unknown fields through,
-            # so the key would reach the caller.
+            # so the key would reach the caller. The key this request carried, not one read at construction:
+            # the client's headers may have changed since.
             self._malformed(endpoint, self._clock() - started)
         try:
             body = _parse_json(response.content)
@@ -625,15 +630,16 @@ class UpstreamClient:
 
     def _build_request(
         self, method: str, path: str, params: list[tuple[str, str]] | None, json_body: Any
-    ) -> httpx.Request:
-        """Build the request `AsyncClient.build_request` would, from headers and a base URL prepared once."""
+    ) -> tuple[httpx.Request, tuple[bytes, ...]]:
+        """Build the request `AsyncClient.build_request` would, and the API key(s) it carries."""
         http = self._http
         prepared = self._prepare(http)
         if prepared is None or http.cookies:
             query = httpx.QueryParams(tuple(params)) if params else None
-            return http.build_request(
+            built = http.build_request(
                 method, path, params=query, json=json_body, extensions={READ_WHOLE_BODY: True}
             )
+            return built, _api_keys(built.headers)
         headers = prepared.headers
         content = b"" if json_body is None else _JSON_ENCODER.encode(json_body).encode()
         if json_body is not None or method in ("POST", "PUT", "PATCH"):
@@ -653,7 +659,9 @@ class UpstreamClient:
             extensions=prepared.extensions,
         )
         request.read()  # sets `content`: the transport sends it whole
-        return request
+        # The headers were prepared from the client's current ones (`_prepare` re-prepares on any change), so
+        # their key is the one sent; the body's headers added above are never an API key.
+        return request, prepared.api_keys
 
     def _prepare(self, http: httpx.AsyncClient) -> _Prepared | None:
         """Return the client's base URL, headers (Host first) and extensions as its requests carry them."""
@@ -678,6 +686,7 @@ class UpstreamClient:
             prefix=prefix,
             headers=httpx.Headers([(b"Host", base_url.netloc), *raw]),
             extensions={"timeout": http.timeout.as_dict(), READ_WHOLE_BODY: True},
+            api_keys=_api_keys(http.headers),
         )
         return self._prepared
 

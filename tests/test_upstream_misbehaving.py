@@ -133,6 +133,35 @@ async def test_a_json_answer_echoing_the_api_key_is_refused() -> None:
     assert outcomes(h, "list") == ["malformed"]
 
 
+async def test_an_answer_echoing_the_api_key_set_after_the_first_call_is_refused() -> None:
+    # The client prepares its request headers once and again when they change: the echo check must look for the
+    # key the request went out with, not the one the client was built with.
+    seen: list[bytes] = []
+
+    async def echo_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            seen.append(head)
+            echoed = json.dumps({"conversations": [], "has_more": False, "debug": head.decode()})
+            writer.write(json_response(echoed.encode()))
+            await writer.drain()
+
+    rotated = "xi-rotated-key-6d2f0b8e"
+    async with raw_upstream(echo_headers) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.list_conversations([])
+        h.http.headers["xi-api-key"] = rotated
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.list_conversations([])
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.send_feedback(
+                "conv_1", "like"
+            )  # a request with a body: its own copy of the headers
+    assert outcomes(h, "list") == ["malformed", "malformed"]
+    assert outcomes(h, "feedback") == ["malformed"]
+    assert [rotated.encode() in head for head in seen] == [False, True, True]
+
+
 # --- a hang-up before the status line: the outcome is unknown ---------------------------------------------
 
 
