@@ -775,6 +775,8 @@ class IpAuthFailureGuard:
 
     The block is an IPv4 address, or the IPv6 network of `ipv6_prefix` bits around an IPv6 address: an IPv6
     client holds at least a /64, and keyed per address it would rotate through it and never be limited.
+    When the shared limiter cannot count (Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed), failures are
+    counted in process, per replica, by the same policy.
     """
 
     def __init__(
@@ -797,6 +799,10 @@ class IpAuthFailureGuard:
         self._max_blocked = max_blocked
         self._ipv6_prefix = ipv6_prefix
         self._blocked: OrderedDict[str, float] = OrderedDict()
+        # For failed authentications only: `closed` still answers every other request with 503, but a failure
+        # left uncounted would let a client tell a valid token (503) from an expired or revoked one (401)
+        # without limit for the whole outage.
+        self._fallback = LocalRateLimiter(clock)
 
     async def check(self, scope: Any) -> GatewayError | None:
         """Return RateLimited when the request's client IP is currently blocked, else None."""
@@ -819,10 +825,11 @@ class IpAuthFailureGuard:
     async def record(self, scope: Any) -> GatewayError | None:
         """Count one failed authentication; return RateLimited (and block the IP) when over the limit."""
         ip = self._client_block(scope)
+        hits = [Hit(self._policy, f"ip:{ip}")]
         try:
-            decision = await self._limiter.acquire([Hit(self._policy, f"ip:{ip}")])
+            decision = await self._limiter.acquire(hits)
         except ServiceUnavailable:
-            return None  # the 401 still answers; counting failures is best effort in `closed` mode
+            decision = self._fallback.acquire_now(hits)
         if decision.allowed:
             return None
         now = self._clock()

@@ -13,10 +13,18 @@ import redis.asyncio as aioredis
 
 from service.dev_tokens import mint_token
 from service.errors import RateLimited
-from service.ratelimit import IpAuthFailureGuard, LocalRateLimiter, RedisRateLimiter
-from service.settings import RateLimitPolicy
+from service.ratelimit import (
+    CircuitBreaker,
+    IpAuthFailureGuard,
+    LocalRateLimiter,
+    RedisRateLimiter,
+    ResilientRateLimiter,
+)
+from service.redis_client import close_redis, create_redis
+from service.settings import RateLimitPolicy, RedisTopology
 from tests.ratelimit.conftest import ManualClock
 from tests.support.gateway import Gateway
+from tests.support.servers import RedisServer
 
 POLICY = RateLimitPolicy("ip-auth-failure", 3, 60, 3)
 PROXY = (ipaddress.ip_network("10.0.0.0/8"),)
@@ -169,3 +177,55 @@ async def test_gateway_limits_an_ipv6_client_rotating_through_its_64(
         valid = gw.token("mallory")
         assert await call(f"{V6_NET}:dead:beef:0:1", valid) == 429
         assert await call("2001:db8:aa:bc::1", valid) == 200
+
+
+# --- Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed ------------------------------------------------------
+# The limiter answers 503 instead of counting, so uncounted failures would let a client test tokens it holds
+# (expired, revoked, valid: 401 or 503) without limit for the whole outage.
+
+
+async def test_failures_are_counted_in_process_while_a_closed_limiter_has_no_redis(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    clock = ManualClock()
+    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
+    limiter = ResilientRateLimiter(
+        RedisRateLimiter(redis), LocalRateLimiter(clock), mode="closed", breaker=CircuitBreaker(clock=clock)
+    )
+    guard = IpAuthFailureGuard(limiter, POLICY, (), clock)
+    attacker = scope("203.0.113.9")
+    try:
+        redis_server.stop()
+        for _ in range(3):
+            assert await guard.check(attacker) is None
+            assert await guard.record(attacker) is None
+        blocked = await guard.record(attacker)
+        assert isinstance(blocked, RateLimited) and blocked.retry_after == 20
+        assert isinstance(await guard.check(attacker), RateLimited)
+        assert await guard.check(scope("198.51.100.1")) is None
+    finally:
+        await close_redis(redis)
+
+
+async def test_gateway_in_closed_mode_limits_failed_authentications_while_redis_is_down(
+    make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("[rate_limits.ip-auth-failure]\nlimit = 3\nperiod_seconds = 60\nburst = 3\n")
+    env = {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": "closed"}
+    async with make_gateway(**env) as gw:
+        forged = mint_token("another-secret-0123456789abcdef0123456789ab", "mallory")
+
+        async def call(token: str) -> tuple[int, str | None]:
+            response = await gw.client.get(
+                "/v1/convai/conversations", headers={"Authorization": f"Bearer {token}"}
+            )
+            return response.status_code, response.json().get("code")
+
+        redis_server.stop()
+        valid = gw.token("mallory")
+        assert await call(valid) == (503, "rate_limiter_unavailable")
+        assert [(await call(forged))[0] for _ in range(4)] == [401, 401, 401, 429]
+        assert (await call(valid))[0] == 429  # the address is blocked: no more telling valid from invalid
