@@ -933,6 +933,14 @@ def _check_redis_path(reader: _Reader, path: str, db_options: list[str]) -> None
         )
 
 
+def _names_a_database_other_than_0(url: str) -> bool:
+    # Malformed paths and values are _check_redis_path's and _check_redis_values' to name; only numbers count here.
+    parts = urlsplit(url)
+    path = _DB_PATH.fullmatch(unquote(parts.path))
+    values = [*([path[1]] if path else []), *parse_qs(parts.query).get("db", [])]
+    return any(_DIGITS.fullmatch(value) and int(value) != 0 for value in values)
+
+
 _REDIS_KEYS: Final = (
     "sentinels",
     "sentinel_service",
@@ -984,6 +992,12 @@ def _redis(reader: _Reader, data: Any) -> RedisTopology:
         reader.problems.append("GATEWAY_CONFIG: redis.cluster and redis.sentinels exclude each other")
     if cluster and url is None:
         reader.problems.append("GATEWAY_CONFIG: redis.cluster needs REDIS_URL (a seed node)")
+    elif cluster and url is not None and _names_a_database_other_than_0(url):
+        # redis-py refuses it only when the client is built: a traceback at start naming no setting.
+        reader.problems.append(
+            "GATEWAY_CONFIG: redis.cluster: Redis Cluster has only database 0, and REDIS_URL names another "
+            "(its path or ?db=); URL not shown"
+        )
     auth, username, password = _sentinel_auth(reader, data, url, bool(sentinels))
     return RedisTopology(
         url=url,

@@ -1070,3 +1070,21 @@ def test_bad_sentinel_credentials_or_tls_name_the_setting(
     found = problems(sentinel_env(tmp_path, toml, **resolved))
     assert any(fragment in p for p in found), found
     assert not any(SENTINEL_PASSWORD in p or "pw@" in p for p in found), found
+
+
+@pytest.mark.parametrize("url", ["redis://seed:7000/3", "redis://seed:7000/?db=2", "redis://seed:7000/%31"])
+def test_a_cluster_seed_url_naming_a_database_other_than_0_is_refused(tmp_path: Path, url: str) -> None:
+    # Redis Cluster has only database 0: redis-py refused the URL when the client was built, a traceback at start
+    # that named neither REDIS_URL nor the database.
+    config = tmp_path / "gateway.toml"
+    config.write_text("[redis]\ncluster = true\n")
+    found = problems({**GOOD, "GATEWAY_CONFIG": str(config), "REDIS_URL": url})
+    assert any("redis.cluster: Redis Cluster has only database 0" in p for p in found), found
+    assert not any("seed" in p for p in found), found
+
+
+@pytest.mark.parametrize("url", ["redis://seed:7000", "redis://seed:7000/", "redis://seed:7000/0?db=0"])
+def test_a_cluster_seed_url_with_database_0_or_none_is_accepted(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("[redis]\ncluster = true\n")
+    assert load_settings({**GOOD, "GATEWAY_CONFIG": str(config), "REDIS_URL": url}).redis.cluster
