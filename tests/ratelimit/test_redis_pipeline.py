@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.redis_client import close_redis, create_redis
-from service.redis_pipeline import PipeliningRedis
+from service.redis_pipeline import HiredisPacking, PipeliningRedis
 from service.settings import RedisTopology
 from tests.ratelimit.test_resilience import start_debug_sleep
 from tests.support.servers import RedisServer
@@ -225,3 +226,31 @@ async def test_explicit_pipelines_and_transactions_bypass_the_batching(make_clie
 def test_create_redis_pipelines_standalone_clients_with_the_given_limit(redis_url: str) -> None:
     client = create_redis(RedisTopology(url=redis_url), timeout=0.1, pipeline_limit=7)
     assert isinstance(client, PipeliningRedis) and client.pipeline_limit == 7
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("MGET", "ledger:{conv_1}", "ledger:{conv_2}"),
+        ("SET", "k", "é ✓", "EX", 86_400),
+        ("EVALSHA", b"\x00\xff", 2, 1.5, 1e20, -0.0, 10**30),
+        ("SCRIPT LOAD", "return 1"),
+        ("SET", "k", "lone \ud800 surrogate"),
+        ("SET", "k", memoryview(b"view")),
+    ],
+)
+def test_connections_pack_commands_exactly_as_redis_py_does(
+    make_client: MakeClient, command: tuple[Any, ...]
+) -> None:
+    pool = make_client().connection_pool
+    connection = pool.make_connection()
+    assert isinstance(connection, HiredisPacking)
+    reference = Connection(**pool.connection_kwargs)  # redis-py's own packer, same encoder settings
+    assert b"".join(connection.pack_command(*command)) == b"".join(reference.pack_command(*command))
+
+
+def test_connections_refuse_what_redis_py_refuses(make_client: MakeClient) -> None:
+    connection = make_client().connection_pool.make_connection()
+    for bad in (None, True):
+        with pytest.raises(DataError):
+            connection.pack_command("SET", "k", bad)
