@@ -215,23 +215,24 @@ async def visible_rows(services: Services, principal: Principal, rows: Any) -> l
     if not isinstance(rows, list):
         raise UpstreamError("upstream returned a conversation list that is not a list")
     settings = services.settings
+    every_agent = principal.agents is None  # the usual token: no per-row agent check to make
     candidates = [
-        row
+        (conversation_id, row)
         for row in rows
         if isinstance(row, dict)
-        and isinstance(row.get("conversation_id"), str)
-        and agent_visible(principal, settings.allowed_agent_ids, row.get("agent_id"))
+        and isinstance(conversation_id := row.get("conversation_id"), str)
+        and (every_agent or agent_visible(principal, settings.allowed_agent_ids, row.get("agent_id")))
     ]
-    mode = settings.ownership_mode
+    mode, caller = settings.ownership_mode, principal.user_id
     entries: dict[str, LedgerEntry] = {}
     if mode != "user_id" and candidates:
-        entries = await services.ledger.lookup_many([row["conversation_id"] for row in candidates])
+        entries = await services.ledger.lookup_many([conversation_id for conversation_id, _ in candidates])
     # The upstream list was asked with user_id = caller, so each row's upstream user_id is the caller's;
     # the ledger still overrules it (a conversation minted for someone else whose client spoofed user_id).
     return [
         row
-        for row in candidates
-        if grants(mode, principal.user_id, entries.get(row["conversation_id"]), principal.user_id)
+        for conversation_id, row in candidates
+        if grants(mode, caller, entries.get(conversation_id), caller)
     ]
 
 
