@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from _json import encode_basestring, make_encoder
 from typing import Any, Final, NoReturn
 
 from starlette.responses import JSONResponse
+
+from service.compact_json import compact_encoder
 
 
 def _not_json(value: Any) -> NoReturn:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-# What JSONResponse.render's json.dumps(ensure_ascii=False, allow_nan=False, separators=(",", ":")) runs,
-# built once instead of per answer (json.dumps with options builds a JSONEncoder, whose encode builds this).
-# No circular-reference check (markers None): answers are parsed upstream JSON and the gateway's own dicts.
-_encode: Final = make_encoder(None, _not_json, encode_basestring, None, ":", ",", False, False, False)
+# What JSONResponse.render's json.dumps(ensure_ascii=False, allow_nan=False, separators=(",", ":")) runs.
+_encode: Final = compact_encoder(_not_json, allow_nan=False)
 
 
 class JsonAnswer(JSONResponse):
