@@ -12,7 +12,8 @@ Clients connect lazily, so building one does not need a running event loop or a 
 Standalone and Sentinel clients pipeline implicitly (`service.redis_pipeline`, `REDIS_PIPELINE_LIMIT`);
 Cluster clients send commands one by one, since a batch there would have to be split per node.
 A Sentinel client asks the sentinels which server is master at most every `SENTINEL_RECHECK_SECONDS`
-(`FollowingSentinelPool`), not only when it opens a connection.
+(`FollowingSentinelPool`), not only when it opens a connection. Standalone and Sentinel pools hand out idle
+connections without redis-py's per-checkout lock, metrics records and events (`QuickCheckoutPool`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -119,18 +120,53 @@ def create_redis(
         cluster.command_timeout = timeout
         return cluster
     else:
-        client = client_class.from_url(topology.url, **_DECODING, **_timeouts(timeout, client_class))
+        pool = QuickCheckoutPool.from_url(topology.url, **_DECODING, **_timeouts(timeout, client_class))
+        client = client_class.from_pool(pool)
     if isinstance(client, PipeliningRedis):
         client.pipeline_limit = pipeline_limit
         client.batch_timeout = timeout
     return client
 
 
+class QuickCheckoutPool(ConnectionPool):
+    """A connection pool that hands out and takes back idle connections without redis-py's bookkeeping."""
+
+    # redis-py 8 wraps each checkout and return in an asyncio lock, four awaited observability records
+    # (OpenTelemetry metrics, which the gateway never configures) and a connection-released event (heard only
+    # by streaming credential providers, which no setting here creates): ~60 k instructions per Redis batch,
+    # two batches per signed-url request. Taking and returning a connection are plain list operations with no
+    # await between them, so on the event loop they are atomic without the lock; it matters only while
+    # someone holds it across an await (redis-py's maintenance-notification and re-auth handlers), and then
+    # both go redis-py's own way and wait. The liveness check on checkout (`ensure_connection`) is kept.
+
+    async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
+        """Return a connected connection from the pool: redis-py's way when its lock is held."""
+        if args or options or self._lock.locked():
+            # Passed on as given: redis-py warns (deprecated) when a command name or keys are passed at all.
+            held: AbstractConnection = await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
+            return held
+        connection: AbstractConnection = self.get_available_connection()  # type: ignore[no-untyped-call]
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        """Return `connection` to the pool: redis-py's way when its lock is held or it must reconnect."""
+        if self._lock.locked() or connection.should_reconnect():  # type: ignore[no-untyped-call]
+            await super().release(connection)
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+
+
 # How often a Sentinel client asks the sentinels which server is master (one SENTINEL MASTERS per process).
 SENTINEL_RECHECK_SECONDS = 0.5
 
 
-class FollowingSentinelPool(SentinelConnectionPool):
+class FollowingSentinelPool(QuickCheckoutPool, SentinelConnectionPool):
     """A Sentinel master pool that re-asks the sentinels for the master and leaves a demoted one at once."""
 
     # redis-py asks the sentinels only when it opens a connection, so after a switchover (the old master
@@ -143,7 +179,7 @@ class FollowingSentinelPool(SentinelConnectionPool):
     # Whether the last background recheck found no master (logged once when it starts, once when it ends).
     _sentinels_failing = False
 
-    async def get_connection(self, *args: Any, **options: Any) -> Connection:
+    async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
         """Return a connection to the master, asking the sentinels in the background if the last answer is old."""
         now = time.monotonic()
         if self._recheck is None and now - self._checked_at >= self.recheck_seconds:
@@ -154,9 +190,7 @@ class FollowingSentinelPool(SentinelConnectionPool):
             # Cleared by a done-callback, not by the recheck itself: a task cancelled before its first step never
             # runs its body, and a recheck left set for good would stop this pool asking the sentinels again.
             self._recheck.add_done_callback(self._recheck_done)
-        # Passed on as given: redis-py warns (deprecated) when a command name or keys are passed at all.
-        connection: Connection = await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
-        return connection
+        return await super().get_connection(*args, **options)
 
     async def _ask_sentinels(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 
 from service.ratelimit import Hit, RedisRateLimiter
-from service.redis_client import close_redis, create_redis
+from service.redis_client import QuickCheckoutPool, close_redis, create_redis
 from service.redis_pipeline import PipeliningRedis
 from service.settings import GATEWAY_OWNED_REDIS_OPTIONS, RedisTopology, load_settings
 from tests.ratelimit.conftest import policy
@@ -27,6 +28,7 @@ async def test_url_client_has_short_timeouts_and_only_reconnects_once(redis_url:
     client = create_redis(RedisTopology(url=redis_url), timeout=0.25)
     try:
         assert isinstance(client, PipeliningRedis)
+        assert isinstance(client.connection_pool, QuickCheckoutPool)
         kwargs = client.connection_pool.connection_kwargs
         # The budget bounds each whole batch; redis-py's per-operation socket timeout stays off.
         assert client.batch_timeout == 0.25 and kwargs["socket_timeout"] is None
@@ -123,6 +125,7 @@ async def test_sentinel_topology_resolves_the_master(
     client = create_redis(topology, timeout=0.5)
     try:
         assert isinstance(client, PipeliningRedis)  # the master client pipelines like a standalone one
+        assert isinstance(client.connection_pool, QuickCheckoutPool)
         assert client.batch_timeout == 0.5
         assert client.connection_pool.connection_kwargs["socket_timeout"] is None
         attached = getattr(client, "_convai_sentinel", None)
@@ -139,3 +142,58 @@ async def test_sentinel_topology_resolves_the_master(
 def test_create_redis_needs_a_url() -> None:
     with pytest.raises(ValueError, match="no Redis configured"):
         create_redis(RedisTopology(), timeout=0.1)
+
+
+# ------------------------------------------------------------------------------------------ QuickCheckoutPool
+
+
+async def test_quick_checkouts_reuse_one_idle_connection(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        pool = client.connection_pool
+        for number in range(20):
+            assert await client.set(f"quick:{number}", "v")
+        assert len(pool._available_connections) == 1
+        assert not pool._in_use_connections
+    finally:
+        await close_redis(client)
+
+
+async def test_a_checkout_takes_no_connection_while_the_pool_lock_is_held(redis_url: str) -> None:
+    # redis-py's re-auth and maintenance handlers hold the lock across awaits while they change connections:
+    # a checkout must wait for them, as it does in redis-py's own pool.
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        assert await client.ping()
+        pool = client.connection_pool
+        idle = list(pool._available_connections)
+        async with pool._lock:
+            checkout = asyncio.create_task(pool.get_connection())
+            await asyncio.sleep(0)  # the checkout's first step, where a quick one takes the connection
+            assert pool._available_connections == idle
+            assert not pool._in_use_connections
+        connection = await checkout
+        assert connection is idle[0]
+        async with pool._lock:
+            giving_back = asyncio.create_task(pool.release(connection))
+            await asyncio.sleep(0)
+            assert connection in pool._in_use_connections
+            assert connection not in pool._available_connections
+        await giving_back
+        assert pool._available_connections == [connection]
+    finally:
+        await close_redis(client)
+
+
+async def test_a_connection_marked_for_reconnect_is_closed_when_returned(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+        assert connection.is_connected
+        connection.mark_for_reconnect()
+        await pool.release(connection)
+        assert not connection.is_connected
+        assert await client.ping()  # and the next checkout connects it again
+    finally:
+        await close_redis(client)
