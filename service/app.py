@@ -66,6 +66,7 @@ def create_app(settings: Settings) -> Starlette:
         settings.rate_limits["ip-auth-failure"],
         settings.trusted_proxies,
         ipv6_prefix=settings.rate_limit_ipv6_prefix,
+        observe=metrics.observe_rate_limit,
     )
 
     @contextlib.asynccontextmanager

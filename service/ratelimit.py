@@ -35,7 +35,8 @@ Redis failure (`ResilientRateLimiter`): Redis errors and timeouts (short socket 
 cooldown one probe request tries again, closing the circuit when it succeeds (recovery without restart).
 `RATE_LIMIT_ON_REDIS_ERROR` picks what a request gets meanwhile: `local` (an in-process GCRA with the same
 policies; per process, so N replicas admit up to N times the limit), `open` (allow), `closed` (503).
-A Redis outage never yields a 500.
+In every mode failed authentications are still counted, in process (`IpAuthFailureGuard`). A Redis outage
+never yields a 500.
 """
 
 from __future__ import annotations
@@ -243,6 +244,11 @@ def _sf_string(value: str) -> str:
 
 
 ALLOW_ALL = Decision(True, ())
+# What `ResilientRateLimiter` answers in `open` mode while Redis cannot be asked: allowed, and nothing counted.
+# Equal to ALLOW_ALL, so every caller treats it exactly alike; a distinct object, so a caller that must not go
+# uncounted (the failed-authentication guard) can tell it apart by identity. ALLOW_ALL itself is no such
+# signal: it also answers an empty list of hits, and a stand-in limiter may return it for everything.
+UNCOUNTED = Decision(True, ())
 
 
 def state_key(hit: Hit) -> str:
@@ -650,7 +656,10 @@ class CircuitBreaker:
 
 
 class ResilientRateLimiter:
-    """Redis first; on Redis errors, timeouts or an open circuit, the `mode` decides (local/open/closed)."""
+    """Redis first; on Redis errors, timeouts or an open circuit, the `mode` decides (local/open/closed).
+
+    In `open` mode the answer is `UNCOUNTED`: allowed, with no policy counted.
+    """
 
     def __init__(
         self,
@@ -690,7 +699,7 @@ class ResilientRateLimiter:
                 observe_decision(decision, self._observe)
                 return decision
         if self.mode == "open":
-            return ALLOW_ALL
+            return UNCOUNTED
         if self.mode == "closed":
             raise RateLimiterUnavailable()
         decision = self.fallback.acquire_now(hits)
@@ -775,8 +784,9 @@ class IpAuthFailureGuard:
 
     The block is an IPv4 address, or the IPv6 network of `ipv6_prefix` bits around an IPv6 address: an IPv6
     client holds at least a /64, and keyed per address it would rotate through it and never be limited.
-    When the shared limiter cannot count (Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed), failures are
-    counted in process, per replica, by the same policy.
+    When the shared limiter cannot count (Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed, which raises, or
+    open, which answers `UNCOUNTED`), failures are counted in process, per replica, by the same policy, and
+    those decisions go to `observe` (the shared limiter reports its own).
     """
 
     def __init__(
@@ -788,6 +798,7 @@ class IpAuthFailureGuard:
         *,
         max_blocked: int = 10_000,
         ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
+        observe: Observe | None = None,
     ) -> None:
         """Use `limiter` for the shared count; blocks are remembered locally (bounded by `max_blocked`)."""
         if not 32 <= ipv6_prefix <= 128:
@@ -799,10 +810,11 @@ class IpAuthFailureGuard:
         self._max_blocked = max_blocked
         self._ipv6_prefix = ipv6_prefix
         self._blocked: OrderedDict[str, float] = OrderedDict()
-        # For failed authentications only: `closed` still answers every other request with 503, but a failure
-        # left uncounted would let a client tell a valid token (503) from an expired or revoked one (401)
-        # without limit for the whole outage.
-        self._fallback = LocalRateLimiter(clock)
+        # For failed authentications only: `closed` still answers every other request with 503 and `open` still
+        # allows it, but a failure left uncounted would let a client tell a valid token (503 or 200) from an
+        # expired or revoked one (401) without limit for the whole outage. Its decisions are observed here, as
+        # the shared limiter's local fallback observes its own: otherwise the guard's 429s would not show.
+        self._fallback = LocalRateLimiter(clock, observe=observe)
 
     async def check(self, scope: Any) -> GatewayError | None:
         """Return RateLimited when the request's client IP is currently blocked, else None."""
@@ -829,7 +841,9 @@ class IpAuthFailureGuard:
         try:
             decision = await self._limiter.acquire(hits)
         except ServiceUnavailable:
-            decision = self._fallback.acquire_now(hits)
+            decision = UNCOUNTED
+        if decision is UNCOUNTED:
+            decision = await self._fallback.acquire(hits)
         if decision.allowed:
             return None
         now = self._clock()

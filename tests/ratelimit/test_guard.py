@@ -15,13 +15,15 @@ from service.dev_tokens import mint_token
 from service.errors import RateLimited
 from service.ratelimit import (
     CircuitBreaker,
+    Hit,
     IpAuthFailureGuard,
     LocalRateLimiter,
     RedisRateLimiter,
     ResilientRateLimiter,
 )
 from service.redis_client import close_redis, create_redis
-from service.settings import RateLimitPolicy, RedisTopology
+from service.settings import DEFAULT_RATE_LIMITS, RateLimitPolicy, RedisErrorMode, RedisTopology
+from tests.observability.test_metrics import value
 from tests.ratelimit.conftest import ManualClock
 from tests.support.gateway import Gateway
 from tests.support.servers import RedisServer
@@ -179,9 +181,9 @@ async def test_gateway_limits_an_ipv6_client_rotating_through_its_64(
         assert await call("2001:db8:aa:bc::1", valid) == 200
 
 
-# --- Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed ------------------------------------------------------
-# The limiter answers 503 instead of counting, so uncounted failures would let a client test tokens it holds
-# (expired, revoked, valid: 401 or 503) without limit for the whole outage.
+# --- Redis down with RATE_LIMIT_ON_REDIS_ERROR=closed or open ----------------------------------------------
+# The limiter answers 503 (closed) or allows without counting (open), so uncounted failures would let a client
+# test tokens it holds (expired, revoked, valid: 401, or 503 / 200) without limit for the whole outage.
 
 
 async def test_failures_are_counted_in_process_while_a_closed_limiter_has_no_redis(
@@ -229,3 +231,99 @@ async def test_gateway_in_closed_mode_limits_failed_authentications_while_redis_
         assert await call(valid) == (503, "rate_limiter_unavailable")
         assert [(await call(forged))[0] for _ in range(4)] == [401, 401, 401, 429]
         assert (await call(valid))[0] == 429  # the address is blocked: no more telling valid from invalid
+        # The in-process 429 reaches the rate-limit metric like the limiter's own fallback decisions.
+        body = (await gw.client.get("/metrics")).content
+        name = "convai_gateway_rate_limit_decisions_total"
+        assert value(body, name, policy="ip-auth-failure", outcome="limited") == 1
+
+
+async def test_failures_are_counted_in_process_while_an_open_limiter_has_no_redis(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    clock = ManualClock()
+    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
+    limiter = ResilientRateLimiter(
+        RedisRateLimiter(redis), LocalRateLimiter(clock), mode="open", breaker=CircuitBreaker(clock=clock)
+    )
+    guard = IpAuthFailureGuard(limiter, DEFAULT_RATE_LIMITS["ip-auth-failure"], (), clock)  # 60/min
+    attacker = scope("203.0.113.9")
+    session = Hit(DEFAULT_RATE_LIMITS["user-session"], "user:mallory")
+    try:
+        redis_server.stop()
+        for _ in range(60):
+            assert await guard.check(attacker) is None
+            assert await guard.record(attacker) is None
+        blocked = await guard.record(attacker)
+        assert isinstance(blocked, RateLimited) and blocked.retry_after == 1
+        assert isinstance(await guard.check(attacker), RateLimited)
+        assert await guard.check(scope("198.51.100.1")) is None
+        # Every other request is still allowed and not counted, as `open` mode promises (user-session: 5 burst).
+        for _ in range(10):
+            decision = await limiter.acquire([session])
+            assert decision.allowed and decision.headers() == {}
+    finally:
+        await close_redis(redis)
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_guard_observes_its_in_process_decisions_and_not_the_shared_ones(
+    mode: RedisErrorMode, redis_url: str, redis_server: RedisServer
+) -> None:
+    clock = ManualClock()
+    outcomes: list[tuple[str, str]] = []
+
+    def observe(name: str, outcome: str) -> None:
+        outcomes.append((name, outcome))
+
+    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
+    limiter = ResilientRateLimiter(
+        RedisRateLimiter(redis),
+        LocalRateLimiter(clock),
+        mode=mode,
+        breaker=CircuitBreaker(clock=clock),
+        observe=observe,
+    )
+    guard = IpAuthFailureGuard(limiter, POLICY, (), clock, observe=observe)
+    attacker = scope("203.0.113.9")
+    try:
+        assert await guard.record(attacker) is None  # counted in Redis: the shared limiter observes it
+        assert outcomes == [("ip-auth-failure", "allowed")]
+        redis_server.stop()
+        assert await guard.record(attacker) is None  # in process from here on (fresh state)
+        assert await guard.record(attacker) is None
+        assert await guard.record(attacker) is None
+        assert isinstance(await guard.record(attacker), RateLimited)
+        assert outcomes == [
+            ("ip-auth-failure", o) for o in ("allowed", "allowed", "allowed", "near_limit", "limited")
+        ]
+    finally:
+        await close_redis(redis)
+
+
+async def test_gateway_in_open_mode_limits_failed_authentications_while_redis_is_down(
+    make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("[rate_limits.ip-auth-failure]\nlimit = 3\nperiod_seconds = 60\nburst = 3\n")
+    env = {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": "open"}
+    async with make_gateway(**env) as gw:
+        forged = mint_token("another-secret-0123456789abcdef0123456789ab", "mallory")
+
+        async def call(token: str) -> int:
+            response = await gw.client.get(
+                "/v1/convai/conversations", headers={"Authorization": f"Bearer {token}"}
+            )
+            return response.status_code
+
+        redis_server.stop()
+        valid = gw.token("mallory")
+        assert await call(valid) == 200  # open: allowed without a count
+        assert [await call(forged) for _ in range(4)] == [401, 401, 401, 429]
+        assert await call(valid) == 429  # the address is blocked: no more telling valid from invalid
+        # The in-process 429 reaches the rate-limit metric like the limiter's own fallback decisions.
+        body = (await gw.client.get("/metrics")).content
+        name = "convai_gateway_rate_limit_decisions_total"
+        assert value(body, name, policy="ip-auth-failure", outcome="limited") == 1
+        assert value(body, name, policy="ip-auth-failure", outcome="allowed") == 2
