@@ -135,7 +135,13 @@ def select_targets(options: Options, nginx_available: bool) -> list[Target]:
         unknown = set(options.only) - {target.name for target in chosen}
         if unknown:
             raise SystemExit(f"--only: unknown or unavailable target(s): {', '.join(sorted(unknown))}")
-        chosen = [target for target in chosen if target.name in options.only]
+        # `--only gateway,bare --levers X` means the gateway with and without X: naming the gateway keeps its
+        # lever variants (before, they were dropped without a word).
+        chosen = [
+            target
+            for target in chosen
+            if target.name in options.only or (target.levers and "gateway" in options.only)
+        ]
     return chosen
 
 

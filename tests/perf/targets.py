@@ -20,7 +20,8 @@ no access log, loopback only); the gateway's httptools protocol is `serve`'s, wh
   `no-token-cache` (verify every token's signature), `asyncio` (asyncio loop and h11 instead of uvloop
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line),
   `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone), `no-header-deadline` (uvicorn's
-  plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default).
+  plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default),
+  `stock-redis-pool` (redis-py's own pool checkout and return instead of `QuickCheckoutPool`'s).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
   first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
@@ -77,6 +78,7 @@ LEVERS = (
     "log-warning",
     "no-redis-pipelining",
     "no-header-deadline",
+    "stock-redis-pool",
 )
 # The gateway runs under `serve`'s HTTP protocol (uvicorn's httptools plus a request-header deadline), so the
 # figures are those of what ships; the references keep plain httptools.
@@ -356,6 +358,8 @@ def gateway_factory() -> Any:
                 super().__init__(*args, token_cache_size=0, **kwargs)
 
         vars(service.app)["Authenticator"] = Uncached
+    if "stock-redis-pool" in levers:
+        stock_redis_pool()
     _apply_ablations(levers)
     if "no-redis-pipelining" in levers:
         os.environ["REDIS_PIPELINE_LIMIT"] = "0"
@@ -369,6 +373,16 @@ def gateway_factory() -> Any:
     if "no-gc-freeze" not in levers:
         freeze_startup_objects()  # as `serve` does (service.app.app_from_environment)
     return app
+
+
+def stock_redis_pool() -> None:
+    """Give the gateway's Redis pools redis-py's own checkout and return back (lock, records, event)."""
+    from redis.asyncio.connection import ConnectionPool
+
+    from service.redis_client import QuickCheckoutPool
+
+    QuickCheckoutPool.get_connection = ConnectionPool.get_connection  # type: ignore[method-assign]
+    QuickCheckoutPool.release = ConnectionPool.release  # type: ignore[method-assign]
 
 
 def _apply_ablations(levers: set[str]) -> None:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from redis.asyncio.connection import ConnectionPool
 from uvicorn.importer import import_from_string
 
+from service.redis_client import QuickCheckoutPool
 from service.server_protocol import HeaderDeadlineProtocol
 from tests.perf.bench import parse_options, select_targets
-from tests.perf.targets import GATEWAY_HTTP_PROTOCOL, SKELETON_REMOVES, expand_levers, uvicorn_settings
+from tests.perf.targets import (
+    GATEWAY_HTTP_PROTOCOL,
+    SKELETON_REMOVES,
+    expand_levers,
+    stock_redis_pool,
+    uvicorn_settings,
+)
 
 
 def test_skeleton_stands_for_every_feature_ablation() -> None:
@@ -24,6 +32,17 @@ def test_each_lever_becomes_its_own_gateway_target() -> None:
     options = parse_options(["--levers", "skeleton,no-redis-pipelining"])
     names = [target.name for target in select_targets(options, nginx_available=False)]
     assert names[-3:] == ["gateway", "gateway-skeleton", "gateway-no-redis-pipelining"]
+
+
+def test_only_gateway_keeps_its_lever_variants() -> None:
+    options = parse_options(["--only", "gateway,bare", "--levers", "skeleton"])
+    names = [target.name for target in select_targets(options, nginx_available=True)]
+    assert names == ["bare", "gateway", "gateway-skeleton"]
+    options = parse_options(["--only", "bare,gateway-skeleton", "--levers", "skeleton"])
+    assert [target.name for target in select_targets(options, nginx_available=True)] == [
+        "bare",
+        "gateway-skeleton",
+    ]
 
 
 def test_unknown_lever_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,3 +66,13 @@ def test_references_keep_plain_httptools(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_no_header_deadline_lever_runs_plain_httptools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BENCH_GATEWAY_LEVERS", "no-header-deadline")
     assert uvicorn_settings("gateway")["http"] == "httptools"
+
+
+def test_stock_redis_pool_lever_puts_redis_pys_checkout_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Set through monkeypatch first, so that the lever's change to the class is undone after the test.
+    monkeypatch.setattr(QuickCheckoutPool, "get_connection", QuickCheckoutPool.get_connection)
+    monkeypatch.setattr(QuickCheckoutPool, "release", QuickCheckoutPool.release)
+    assert QuickCheckoutPool.get_connection is not ConnectionPool.get_connection
+    stock_redis_pool()
+    assert QuickCheckoutPool.get_connection is ConnectionPool.get_connection
+    assert QuickCheckoutPool.release is ConnectionPool.release
