@@ -51,14 +51,17 @@ deploy-check: install
 
 check: lint typecheck deploy-check test
 
+# The perf tools take their options through ARGS: make bench ARGS="--levers skeleton".
+ARGS ?=
+
 bench: install
-	$(PY) -m tests.perf.bench
+	$(PY) -m tests.perf.bench $(ARGS)
 
 bench-instructions: install
-	$(PY) -m tests.perf.instructions
+	$(PY) -m tests.perf.instructions $(ARGS)
 
 profile: install
-	$(PY) -m tests.perf.profile
+	$(PY) -m tests.perf.profile $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist

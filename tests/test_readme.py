@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -353,3 +354,15 @@ def test_the_emulator_fault_api_lists_every_endpoint_kind_and_field() -> None:
     assert set(kinds.group(1).split("|")) == faults.KINDS
     fields = set(faults.Fault().as_json())
     assert {field for field in fields if f'"{field}":' in text} == fields
+
+
+def test_every_make_command_the_readme_gives_is_one_make_accepts() -> None:
+    # make reads `--levers` as an option of its own and stops: the perf tools' options go through ARGS.
+    targets = set(
+        re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    )
+    commands = re.findall(r"`make ([^`]*)`", README)
+    assert len(commands) > 10, "the pattern no longer finds README's make commands"
+    for command in commands:
+        for word in shlex.split(command):
+            assert word in targets or re.fullmatch(r"[A-Z][A-Z_]*=.*", word), f"`make {command}`: {word!r}"
