@@ -209,14 +209,20 @@ async def test_failures_are_counted_in_process_while_a_closed_limiter_has_no_red
         await close_redis(redis)
 
 
-async def test_gateway_in_closed_mode_limits_failed_authentications_while_redis_is_down(
+# closed: every request gets 503; open: allowed, uncounted. Failed authentications are counted in both.
+@pytest.mark.parametrize(
+    ("mode", "valid_answer"), [("closed", (503, "rate_limiter_unavailable")), ("open", (200, None))]
+)
+async def test_gateway_limits_failed_authentications_while_redis_is_down(
+    mode: RedisErrorMode,
+    valid_answer: tuple[int, str | None],
     make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]],
     redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text("[rate_limits.ip-auth-failure]\nlimit = 3\nperiod_seconds = 60\nburst = 3\n")
-    env = {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": "closed"}
+    env = {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": mode}
     async with make_gateway(**env) as gw:
         forged = mint_token("another-secret-0123456789abcdef0123456789ab", "mallory")
 
@@ -228,13 +234,14 @@ async def test_gateway_in_closed_mode_limits_failed_authentications_while_redis_
 
         redis_server.stop()
         valid = gw.token("mallory")
-        assert await call(valid) == (503, "rate_limiter_unavailable")
+        assert await call(valid) == valid_answer
         assert [(await call(forged))[0] for _ in range(4)] == [401, 401, 401, 429]
         assert (await call(valid))[0] == 429  # the address is blocked: no more telling valid from invalid
         # The in-process 429 reaches the rate-limit metric like the limiter's own fallback decisions.
         body = (await gw.client.get("/metrics")).content
         name = "convai_gateway_rate_limit_decisions_total"
         assert value(body, name, policy="ip-auth-failure", outcome="limited") == 1
+        assert value(body, name, policy="ip-auth-failure", outcome="allowed") == 2
 
 
 async def test_failures_are_counted_in_process_while_an_open_limiter_has_no_redis(
@@ -298,32 +305,3 @@ async def test_guard_observes_its_in_process_decisions_and_not_the_shared_ones(
         ]
     finally:
         await close_redis(redis)
-
-
-async def test_gateway_in_open_mode_limits_failed_authentications_while_redis_is_down(
-    make_gateway: Callable[..., contextlib.AbstractAsyncContextManager[Gateway]],
-    redis_server: RedisServer,
-    tmp_path: Path,
-) -> None:
-    config = tmp_path / "gateway.toml"
-    config.write_text("[rate_limits.ip-auth-failure]\nlimit = 3\nperiod_seconds = 60\nburst = 3\n")
-    env = {"GATEWAY_CONFIG": str(config), "RATE_LIMIT_ON_REDIS_ERROR": "open"}
-    async with make_gateway(**env) as gw:
-        forged = mint_token("another-secret-0123456789abcdef0123456789ab", "mallory")
-
-        async def call(token: str) -> int:
-            response = await gw.client.get(
-                "/v1/convai/conversations", headers={"Authorization": f"Bearer {token}"}
-            )
-            return response.status_code
-
-        redis_server.stop()
-        valid = gw.token("mallory")
-        assert await call(valid) == 200  # open: allowed without a count
-        assert [await call(forged) for _ in range(4)] == [401, 401, 401, 429]
-        assert await call(valid) == 429  # the address is blocked: no more telling valid from invalid
-        # The in-process 429 reaches the rate-limit metric like the limiter's own fallback decisions.
-        body = (await gw.client.get("/metrics")).content
-        name = "convai_gateway_rate_limit_decisions_total"
-        assert value(body, name, policy="ip-auth-failure", outcome="limited") == 1
-        assert value(body, name, policy="ip-auth-failure", outcome="allowed") == 2
