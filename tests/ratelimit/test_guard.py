@@ -186,25 +186,51 @@ async def test_gateway_limits_an_ipv6_client_rotating_through_its_64(
 # test tokens it holds (expired, revoked, valid: 401, or 503 / 200) without limit for the whole outage.
 
 
-async def test_failures_are_counted_in_process_while_a_closed_limiter_has_no_redis(
+@pytest.mark.parametrize(
+    ("mode", "policy", "retry_after"),
+    [("closed", POLICY, 20), ("open", DEFAULT_RATE_LIMITS["ip-auth-failure"], 1)],  # open: the default 60/min
+)
+async def test_failures_are_counted_in_process_while_the_limiter_has_no_redis(
+    mode: RedisErrorMode, policy: RateLimitPolicy, retry_after: int, redis_url: str, redis_server: RedisServer
+) -> None:
+    clock = ManualClock()
+    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
+    limiter = ResilientRateLimiter(
+        RedisRateLimiter(redis), LocalRateLimiter(clock), mode=mode, breaker=CircuitBreaker(clock=clock)
+    )
+    guard = IpAuthFailureGuard(limiter, policy, (), clock)
+    attacker = scope("203.0.113.9")
+    try:
+        redis_server.stop()
+        for _ in range(policy.burst):
+            assert await guard.check(attacker) is None
+            assert await guard.record(attacker) is None
+        blocked = await guard.record(attacker)
+        assert isinstance(blocked, RateLimited) and blocked.retry_after == retry_after
+        assert isinstance(await guard.check(attacker), RateLimited)
+        assert await guard.check(scope("198.51.100.1")) is None
+    finally:
+        await close_redis(redis)
+
+
+async def test_an_open_limiter_without_redis_still_allows_every_other_request_uncounted(
     redis_url: str, redis_server: RedisServer
 ) -> None:
     clock = ManualClock()
     redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
     limiter = ResilientRateLimiter(
-        RedisRateLimiter(redis), LocalRateLimiter(clock), mode="closed", breaker=CircuitBreaker(clock=clock)
+        RedisRateLimiter(redis), LocalRateLimiter(clock), mode="open", breaker=CircuitBreaker(clock=clock)
     )
-    guard = IpAuthFailureGuard(limiter, POLICY, (), clock)
-    attacker = scope("203.0.113.9")
+    guard = IpAuthFailureGuard(limiter, DEFAULT_RATE_LIMITS["ip-auth-failure"], (), clock)
+    session = Hit(DEFAULT_RATE_LIMITS["user-session"], "user:mallory")
     try:
         redis_server.stop()
-        for _ in range(3):
-            assert await guard.check(attacker) is None
-            assert await guard.record(attacker) is None
-        blocked = await guard.record(attacker)
-        assert isinstance(blocked, RateLimited) and blocked.retry_after == 20
-        assert isinstance(await guard.check(attacker), RateLimited)
-        assert await guard.check(scope("198.51.100.1")) is None
+        for _ in range(61):  # the address is blocked by now
+            await guard.record(scope("203.0.113.9"))
+        # Every other request is still allowed and not counted, as `open` mode promises (user-session: 5 burst).
+        for _ in range(10):
+            decision = await limiter.acquire([session])
+            assert decision.allowed and decision.headers() == {}
     finally:
         await close_redis(redis)
 
@@ -242,34 +268,6 @@ async def test_gateway_limits_failed_authentications_while_redis_is_down(
         name = "convai_gateway_rate_limit_decisions_total"
         assert value(body, name, policy="ip-auth-failure", outcome="limited") == 1
         assert value(body, name, policy="ip-auth-failure", outcome="allowed") == 2
-
-
-async def test_failures_are_counted_in_process_while_an_open_limiter_has_no_redis(
-    redis_url: str, redis_server: RedisServer
-) -> None:
-    clock = ManualClock()
-    redis = create_redis(RedisTopology(url=redis_url), timeout=0.1)
-    limiter = ResilientRateLimiter(
-        RedisRateLimiter(redis), LocalRateLimiter(clock), mode="open", breaker=CircuitBreaker(clock=clock)
-    )
-    guard = IpAuthFailureGuard(limiter, DEFAULT_RATE_LIMITS["ip-auth-failure"], (), clock)  # 60/min
-    attacker = scope("203.0.113.9")
-    session = Hit(DEFAULT_RATE_LIMITS["user-session"], "user:mallory")
-    try:
-        redis_server.stop()
-        for _ in range(60):
-            assert await guard.check(attacker) is None
-            assert await guard.record(attacker) is None
-        blocked = await guard.record(attacker)
-        assert isinstance(blocked, RateLimited) and blocked.retry_after == 1
-        assert isinstance(await guard.check(attacker), RateLimited)
-        assert await guard.check(scope("198.51.100.1")) is None
-        # Every other request is still allowed and not counted, as `open` mode promises (user-session: 5 burst).
-        for _ in range(10):
-            decision = await limiter.acquire([session])
-            assert decision.allowed and decision.headers() == {}
-    finally:
-        await close_redis(redis)
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
