@@ -295,6 +295,15 @@ async def test_security_headers_and_request_id_on_every_response(gateway: Gatewa
         assert len(response.headers["x-request-id"]) >= 8
 
 
+def output_of_child(script: str) -> str:
+    """Run `script` in a fresh interpreter with a gateway's environment; return what it printed."""
+    env = {"PATH": os.environ.get("PATH", ""), **gateway_env("http://127.0.0.1:9", "xi-key", redis_url=None)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
 def test_serve_factory_freezes_start_up_objects_out_of_gc_scans() -> None:
     # A child process: freezing changes the garbage collector of the whole interpreter.
     script = (
@@ -304,11 +313,7 @@ def test_serve_factory_freezes_start_up_objects_out_of_gc_scans() -> None:
         "app_from_environment()\n"
         "print(before, gc.get_freeze_count())\n"
     )
-    env = {"PATH": os.environ.get("PATH", ""), **gateway_env("http://127.0.0.1:9", "xi-key", redis_url=None)}
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
-    )
-    before, after = (int(n) for n in done.stdout.split())
+    before, after = (int(n) for n in output_of_child(script).split())
     assert before == 0 and after > 10_000
 
 
@@ -328,10 +333,6 @@ def test_the_served_app_never_imports_the_emulator() -> None:
         "app_from_environment()\n"
         "print(sorted(name for name in sys.modules if name.startswith('service.')))\n"
     )
-    env = {"PATH": os.environ.get("PATH", ""), **gateway_env("http://127.0.0.1:9", "xi-key", redis_url=None)}
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True
-    )
-    loaded = done.stdout
+    loaded = output_of_child(script)
     assert "'service.routes.sessions'" in loaded and "'service.__main__'" in loaded
     assert "service.emulator" not in loaded
