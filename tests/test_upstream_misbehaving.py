@@ -94,6 +94,16 @@ async def test_non_finite_numbers_are_a_malformed_response(constant: bytes) -> N
     assert outcomes(h, "get") == ["malformed"]
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"123456789e999"])
+async def test_numbers_beyond_a_double_are_a_malformed_response(number: bytes) -> None:
+    # json.loads reads them as infinities, which the gateway could not render again (a 500 at the route).
+    body = b'{"conversation_id":"conv_1","metadata":{"call_duration_secs":%s}}' % number
+    async with raw_upstream(answering(body)) as url, harness(url) as h:
+        with pytest.raises(UpstreamError, match="malformed upstream response"):
+            await h.client.get_conversation("conv_1")
+    assert outcomes(h, "get") == ["malformed"]
+
+
 async def test_deeply_nested_json_is_a_malformed_response() -> None:
     body = b'{"conversation_id":"conv_1","analysis":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     async with raw_upstream(answering(body)) as url, harness(url) as h:
