@@ -46,7 +46,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.client_ip import client_ip
-from service.compact_json import compact_encoder
+from service.compact_json import NotPlainJson, compact_encoder, plain_json
 from service.errors import routes_matching_path
 from service.settings import IPNetwork
 
@@ -605,7 +605,11 @@ class JsonFormatter(logging.Formatter):
             payload["exc"] = mask_secrets(self.formatException(record.exc_info))
         if record.stack_info:
             payload["stack"] = mask_secrets(self.formatStack(record.stack_info))
-        return mask_secrets("".join(_encode_line(payload, 0)))
+        try:
+            line = plain_json(payload).decode()
+        except NotPlainJson:  # e.g. a field of a type orjson leaves out: the C encoder calls str() on it
+            line = "".join(_encode_line(payload, 0))
+        return mask_secrets(line)
 
 
 class _StderrHandler(logging.Handler):

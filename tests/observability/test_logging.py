@@ -84,6 +84,34 @@ def test_log_lines_are_json_with_standard_and_extra_fields(
     assert isinstance(line["ts"], str) and line["ts"].endswith("Z") and "T" in line["ts"]
 
 
+class Peer:
+    def __str__(self) -> str:
+        return "peer 10.0.0.1"
+
+
+class Route(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"n": 2**70}, {"n": 2**70}),  # beyond 64 bits: orjson refuses it, the C encoder keeps every digit
+        ({"peer": Peer()}, {"peer": "peer 10.0.0.1"}),  # a type neither encoder knows: its str()
+        ({"route": Route("/v1")}, {"route": "/v1"}),  # a str subclass, as the C encoder writes it
+        ({"ratio": 1e-05, "flag": True, "none": None}, {"ratio": 1e-05, "flag": True, "none": None}),
+        ({"ratio": float("nan")}, {"ratio": None}),  # JSON has no NaN
+    ],
+    ids=["big-int", "unknown-type", "str-subclass", "plain", "nan"],
+)
+def test_log_fields_of_any_type_make_a_json_line(
+    json_logs: None, capsys: pytest.CaptureFixture[str], extra: dict[str, object], expected: dict[str, object]
+) -> None:
+    logging.getLogger("convai_gateway.test").warning("fields", extra=extra)
+    (line,) = read_lines(capsys)
+    assert {key: line[key] for key in expected} == expected
+
+
 def test_configure_logging_is_idempotent_and_honours_level(capsys: pytest.CaptureFixture[str]) -> None:
     with restore_logging():
         configure_logging("INFO")

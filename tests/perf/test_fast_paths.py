@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import string
 from urllib.parse import parse_qsl
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.responses import JSONResponse
 
+from service.compact_json import NotPlainJson, plain_json
 from service.observability import _SECRET_PATTERNS, Metrics, mask_secrets
 from service.responses import JsonAnswer
 from service.validation import query_pairs
@@ -136,7 +139,54 @@ JSON_VALUES = st.recursive(
 )
 
 
+def _holds_float(value: object) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_float(item) for item in value)
+    return isinstance(value, float)
+
+
 @settings(max_examples=300, deadline=None)
 @given(JSON_VALUES)
-def test_json_answers_render_exactly_like_starlette(content: object) -> None:
-    assert JsonAnswer(content).body == JSONResponse(content).body
+def test_json_answers_render_like_starlette(content: object) -> None:
+    # orjson writes a small float's exponent without a leading zero (1e-5, not 1e-05): the same number.
+    ours, starlettes = bytes(JsonAnswer(content).body), bytes(JSONResponse(content).body)
+    assert json.loads(ours) == json.loads(starlettes)
+    if not _holds_float(content):
+        assert ours == starlettes
+
+
+def _nested(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"big": 2**64, "small": -(2**63) - 1},  # beyond 64 bits
+        {"name": Name("subclass")},
+        {1: "a key that is not a string"},
+        {"text": "a lone surrogate \ud800"},
+        {"deep": _nested(300)},
+    ],
+    ids=["big-int", "str-subclass", "int-key", "surrogate", "deep"],
+)
+def test_json_answers_orjson_leaves_out_render_exactly_like_starlette(content: object) -> None:
+    with pytest.raises(NotPlainJson):
+        plain_json(content)
+    assert _rendered(JsonAnswer, content) == _rendered(JSONResponse, content)
+
+
+def _rendered(response_class: type[JSONResponse], content: object) -> bytes | type[Exception]:
+    try:
+        return bytes(response_class(content).body)
+    except Exception as exc:  # a lone surrogate cannot be UTF-8: both raise the same error
+        return type(exc)
