@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from redis.asyncio.cluster import RedisCluster
 
+from service.compact_json import NotPlainJson, plain_json
 from service.errors import ServiceUnavailable
 from service.redis_client import REDIS_ERRORS
 from service.settings import Settings
@@ -85,10 +86,12 @@ def ledger_key(conversation_id: str) -> str:
 
 def encode_entry(entry: LedgerEntry) -> str:
     """Serialize an entry to the compact JSON stored in Redis."""
-    return json.dumps(
-        {"user": entry.user_id, "agent_id": entry.agent_id, "minted_at": entry.minted_at},
-        separators=(",", ":"),
-    )
+    fields = {"user": entry.user_id, "agent_id": entry.agent_id, "minted_at": entry.minted_at}
+    try:
+        # json.dumps with options builds an encoder per call: ~0.6 % of a signed-url request.
+        return plain_json(fields).decode()
+    except NotPlainJson:  # a lone surrogate in a token's `sub` (a JSON escape can carry one): escaped
+        return json.dumps(fields, separators=(",", ":"))
 
 
 # A list page decodes one entry per row (30 by default): json.loads' wrappers around the C scanner cost a

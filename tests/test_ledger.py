@@ -212,9 +212,12 @@ def test_decode_entry_refuses_anything_but_one_entry(raw: str | bytes) -> None:
         decode_entry(raw)
 
 
-@pytest.mark.parametrize("encoded", [str, lambda text: text.encode("utf-8")])
-def test_decode_entry_reads_back_what_encode_entry_wrote(encoded: Callable[[str], str | bytes]) -> None:
-    original = LedgerEntry("usér_ä", "agent_a", 1_764_000_000)
+@pytest.mark.parametrize("user", ["usér_ä", "user_\ud800"], ids=["non-ascii", "lone-surrogate"])
+@pytest.mark.parametrize("encoded", [str, lambda text: text.encode("utf-8")], ids=["str", "bytes"])
+def test_decode_entry_reads_back_what_encode_entry_wrote(
+    encoded: Callable[[str], str | bytes], user: str
+) -> None:
+    original = LedgerEntry(user, "agent_a", 1_764_000_000)
 
     assert decode_entry(encoded(encode_entry(original))) == original
 
