@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from service.redis_pipeline import DEFAULT_PIPELINE_LIMIT, PipeliningRedis
 from service.settings import RedisTopology
@@ -48,11 +49,11 @@ _SENTINEL_ATTR = "_convai_sentinel"
 
 
 def _retry_policy() -> Retry:
-    # Pooled connections that went stale while Redis restarted are not noticed by redis-py 8 (its
-    # liveness check is skipped while maintenance notifications are "auto"), so the first command on each
-    # fails with "Connection closed by server": without this retry a Redis restart costs one failed
-    # request per pooled connection, and three in a row reopen the limiter's circuit. Timeouts are never
-    # retried (the budget holds); against a Redis that is down both attempts are refused at once.
+    # A pooled connection that went stale while Redis restarted is reconnected at checkout when the closure
+    # has already reached it (`_CHECKED_CHECKOUTS`); one closed later fails its command with "Connection
+    # closed by server", and without this retry each such connection would cost a failed request (three in a
+    # row reopen the limiter's circuit). Timeouts are never retried (the budget holds); against a Redis that
+    # is down both attempts are refused at once.
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
@@ -61,6 +62,13 @@ def _timeouts(timeout: float, client_class: type[Redis] = Redis) -> dict[str, An
     # socket timeout would put every command's send under a task of its own.
     socket_timeout = None if issubclass(client_class, PipeliningRedis) else timeout
     return {"socket_timeout": socket_timeout, "socket_connect_timeout": timeout, "retry": _retry_policy()}
+
+
+# Maintenance notifications off, as they are in effect anyway: they arrive as RESP3 pushes and the gateway
+# speaks RESP2 (REDIS_URL cannot choose `protocol`). While they are "auto", which redis-py 8.1 gives a pool
+# built from a URL, its checkout skips the check for a reply left unread on a pooled connection, and the next
+# command, another request's, would read that reply as its own (a ledger GET, another conversation's owner).
+_CHECKED_CHECKOUTS: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 # Replies are decoded as UTF-8 with bad bytes replaced: with "strict", one stored value that is not UTF-8
@@ -120,7 +128,9 @@ def create_redis(
         cluster.command_timeout = timeout
         return cluster
     else:
-        pool = QuickCheckoutPool.from_url(topology.url, **_DECODING, **_timeouts(timeout, client_class))
+        pool = QuickCheckoutPool.from_url(
+            topology.url, **_DECODING, **_CHECKED_CHECKOUTS, **_timeouts(timeout, client_class)
+        )
         client = client_class.from_pool(pool)
     if isinstance(client, PipeliningRedis):
         client.pipeline_limit = pipeline_limit
@@ -334,7 +344,7 @@ def _sentinel_master(topology: RedisTopology, timeout: float, client_class: type
         # SentinelConnectionPool then connects with SentinelManagedSSLConnection, which takes the ssl_*.
         master_kwargs["ssl"] = True
     # Settings refuse the URL options the gateway sets; applied last, the gateway's win regardless.
-    master_kwargs.update({**_DECODING, **_timeouts(timeout, client_class)})
+    master_kwargs.update({**_DECODING, **_CHECKED_CHECKOUTS, **_timeouts(timeout, client_class)})
     sentinel_kwargs = _sentinel_kwargs(topology, timeout, url_kwargs)
     sentinel = ExplainingSentinel(list(topology.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     sentinel.authenticates = "password" in sentinel_kwargs

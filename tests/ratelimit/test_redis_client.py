@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from service.ratelimit import Hit, RedisRateLimiter
 from service.redis_client import QuickCheckoutPool, close_redis, create_redis
@@ -195,5 +197,63 @@ async def test_a_connection_marked_for_reconnect_is_closed_when_returned(redis_u
         await pool.release(connection)
         assert not connection.is_connected
         assert await client.ping()  # and the next checkout connects it again
+    finally:
+        await close_redis(client)
+
+
+async def _return_with_an_unread_reply(client: Redis) -> None:
+    """Send a GET of `stray` on a pooled connection and give the connection back with its reply unread."""
+    pool = client.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    await connection.send_command("GET", "stray")
+    async with asyncio.timeout(5):
+        while not connection._reader._buffer:  # the reply arrived, unread
+            await asyncio.sleep(0)
+    await pool.release(connection)
+
+
+async def _assert_an_unread_reply_answers_nothing(client: Redis) -> None:
+    # redis-py 8.1 skips its checkout check for pending data while maintenance notifications are "auto", its
+    # default: the next command on that connection read the GET's reply as its own (another key's value).
+    await client.set("stray", "the value of stray")
+    await client.set("mine", "the value of mine")
+    await _return_with_an_unread_reply(client)
+    assert await client.get("mine") == "the value of mine"
+    assert await client.get("stray") == "the value of stray"
+
+
+async def test_a_connection_returned_with_an_unread_reply_answers_no_later_command(redis_url: str) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        await _assert_an_unread_reply_answers_nothing(client)
+    finally:
+        await close_redis(client)
+
+
+async def test_a_sentinel_master_connection_returned_with_an_unread_reply_answers_no_later_command(
+    sentinel: tuple[str, int],
+) -> None:
+    topology = RedisTopology(url="redis://127.0.0.1/0", sentinels=(sentinel,), sentinel_service="gwmaster")
+    client = create_redis(topology, timeout=1.0)
+    try:
+        await _assert_an_unread_reply_answers_nothing(client)
+    finally:
+        await close_redis(client)
+
+
+async def test_a_connection_left_stale_by_a_redis_restart_is_reconnected_at_checkout(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    client = create_redis(RedisTopology(url=redis_url), timeout=1.0)
+    try:
+        assert await client.ping()
+        (idle,) = client.connection_pool._available_connections
+        idle.retry = Retry(NoBackoff(), 0)  # no second attempt: the checkout must notice by itself
+        redis_server.stop()
+        redis_server.start()
+        async with asyncio.timeout(5):
+            while not idle._reader.at_eof():  # the server's closing has reached the idle connection
+                await asyncio.sleep(0)
+        assert await client.ping()
     finally:
         await close_redis(client)
