@@ -21,7 +21,8 @@ no access log, loopback only); the gateway's httptools protocol is `serve`'s, wh
   and httptools), `workers=N` (uvicorn workers), `log-warning` (LOG_LEVEL=WARNING: no access log line),
   `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone), `no-header-deadline` (uvicorn's
   plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default),
-  `stock-redis-pool` (redis-py's own pool checkout and return instead of `QuickCheckoutPool`'s).
+  `stock-redis-pool` (redis-py's own pool checkout and return instead of `QuickCheckoutPool`'s),
+  `stdlib-json` (answers, log lines and ledger entries through CPython's C encoder instead of orjson).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
   first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
@@ -79,6 +80,7 @@ LEVERS = (
     "no-redis-pipelining",
     "no-header-deadline",
     "stock-redis-pool",
+    "stdlib-json",
 )
 # The gateway runs under `serve`'s HTTP protocol (uvicorn's httptools plus a request-header deadline), so the
 # figures are those of what ships; the references keep plain httptools.
@@ -360,6 +362,8 @@ def gateway_factory() -> Any:
         vars(service.app)["Authenticator"] = Uncached
     if "stock-redis-pool" in levers:
         stock_redis_pool()
+    if "stdlib-json" in levers:
+        stdlib_json()
     _apply_ablations(levers)
     if "no-redis-pipelining" in levers:
         os.environ["REDIS_PIPELINE_LIMIT"] = "0"
@@ -383,6 +387,23 @@ def stock_redis_pool() -> None:
 
     QuickCheckoutPool.get_connection = ConnectionPool.get_connection  # type: ignore[method-assign]
     QuickCheckoutPool.release = ConnectionPool.release  # type: ignore[method-assign]
+
+
+# The modules that render JSON with `compact_json.plain_json`, each falling back to the C encoder when it raises.
+PLAIN_JSON_USERS = ("service.responses", "service.observability", "service.ledger")
+
+
+def stdlib_json() -> None:
+    """Send everything the gateway renders with orjson through its fallback, CPython's C encoder."""
+    import importlib
+
+    from service.compact_json import NotPlainJson
+
+    def refuse(value: Any) -> bytes:
+        raise NotPlainJson("the stdlib-json lever")
+
+    for name in PLAIN_JSON_USERS:
+        vars(importlib.import_module(name))["plain_json"] = refuse
 
 
 def _apply_ablations(levers: set[str]) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from redis.asyncio.connection import ConnectionPool
 from uvicorn.importer import import_from_string
 
 from service.redis_client import QuickCheckoutPool
+from service.responses import JsonAnswer
 from service.server_protocol import HeaderDeadlineProtocol
 from tests.perf.bench import parse_options, select_targets
 from tests.perf.targets import (
     GATEWAY_HTTP_PROTOCOL,
+    PLAIN_JSON_USERS,
     SKELETON_REMOVES,
     expand_levers,
+    stdlib_json,
     stock_redis_pool,
     uvicorn_settings,
 )
@@ -76,3 +81,12 @@ def test_stock_redis_pool_lever_puts_redis_pys_checkout_back(monkeypatch: pytest
     stock_redis_pool()
     assert QuickCheckoutPool.get_connection is ConnectionPool.get_connection
     assert QuickCheckoutPool.release is ConnectionPool.release
+
+
+def test_stdlib_json_lever_renders_through_the_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PLAIN_JSON_USERS:  # undone after the test
+        monkeypatch.setattr(f"{name}.plain_json", importlib.import_module(name).plain_json)
+    assert JsonAnswer({"ratio": 1e-05}).body == b'{"ratio":0.00001}'  # orjson's spelling
+    stdlib_json()
+    assert JsonAnswer({"ratio": 1e-05}).body == b'{"ratio":1e-05}'  # CPython's
+    assert all(importlib.import_module(name).plain_json.__name__ == "refuse" for name in PLAIN_JSON_USERS)
