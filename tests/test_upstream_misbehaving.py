@@ -84,19 +84,10 @@ def answering(body: bytes, *, status: bytes = b"200 OK", extra: bytes = b"") -> 
 # --- JSON that Python accepts and JSON forbids ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
-async def test_non_finite_numbers_are_a_malformed_response(constant: bytes) -> None:
-    # json.loads accepts them; the gateway could not render them again (a 500 at the route).
-    body = b'{"conversation_id":"conv_1","metadata":{"call_duration_secs":%s}}' % constant
-    async with raw_upstream(answering(body)) as url, harness(url) as h:
-        with pytest.raises(UpstreamError, match="malformed upstream response"):
-            await h.client.get_conversation("conv_1")
-    assert outcomes(h, "get") == ["malformed"]
-
-
-@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"123456789e999"])
-async def test_numbers_beyond_a_double_are_a_malformed_response(number: bytes) -> None:
-    # json.loads reads them as infinities, which the gateway could not render again (a 500 at the route).
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"123456789e999"])
+async def test_non_finite_numbers_are_a_malformed_response(number: bytes) -> None:
+    # json.loads accepts the constants and reads numbers beyond a double as infinities; the gateway could
+    # not render them again (a 500 at the route).
     body = b'{"conversation_id":"conv_1","metadata":{"call_duration_secs":%s}}' % number
     async with raw_upstream(answering(body)) as url, harness(url) as h:
         with pytest.raises(UpstreamError, match="malformed upstream response"):
