@@ -389,8 +389,20 @@ def stock_redis_pool() -> None:
     QuickCheckoutPool.release = ConnectionPool.release  # type: ignore[method-assign]
 
 
-# The modules that render JSON with `compact_json.plain_json`, each falling back to the C encoder when it raises.
-PLAIN_JSON_USERS = ("service.responses", "service.observability", "service.ledger")
+def plain_json_users() -> list[str]:
+    """Return the gateway's modules that render JSON with `compact_json.plain_json` (each holds its own name)."""
+    import sys
+
+    import service.app  # noqa: F401  (imports every module a request runs)
+    from service import compact_json
+
+    return sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if name.startswith("service.")
+        and module is not compact_json
+        and vars(module).get("plain_json") is compact_json.plain_json
+    )
 
 
 def stdlib_json() -> None:
@@ -402,7 +414,7 @@ def stdlib_json() -> None:
     def refuse(value: Any) -> bytes:
         raise NotPlainJson("the stdlib-json lever")
 
-    for name in PLAIN_JSON_USERS:
+    for name in plain_json_users():
         vars(importlib.import_module(name))["plain_json"] = refuse
 
 

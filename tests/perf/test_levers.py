@@ -14,9 +14,9 @@ from service.server_protocol import HeaderDeadlineProtocol
 from tests.perf.bench import parse_options, select_targets
 from tests.perf.targets import (
     GATEWAY_HTTP_PROTOCOL,
-    PLAIN_JSON_USERS,
     SKELETON_REMOVES,
     expand_levers,
+    plain_json_users,
     stdlib_json,
     stock_redis_pool,
     uvicorn_settings,
@@ -84,9 +84,12 @@ def test_stock_redis_pool_lever_puts_redis_pys_checkout_back(monkeypatch: pytest
 
 
 def test_stdlib_json_lever_renders_through_the_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PLAIN_JSON_USERS:  # undone after the test
+    users = plain_json_users()
+    assert {"service.responses", "service.observability", "service.ledger"} <= set(users)
+    for name in users:  # undone after the test
         monkeypatch.setattr(f"{name}.plain_json", importlib.import_module(name).plain_json)
     assert JsonAnswer({"ratio": 1e-05}).body == b'{"ratio":0.00001}'  # orjson's spelling
     stdlib_json()
     assert JsonAnswer({"ratio": 1e-05}).body == b'{"ratio":1e-05}'  # CPython's
-    assert all(importlib.import_module(name).plain_json.__name__ == "refuse" for name in PLAIN_JSON_USERS)
+    assert all(importlib.import_module(name).plain_json.__name__ == "refuse" for name in users)
+    assert plain_json_users() == []  # no module left rendering through orjson
