@@ -419,13 +419,17 @@ async def budgeted_cluster(nodes: list[RedisServer]) -> Any:
     redis = create_redis(RedisTopology(url=seed, cluster=True), timeout=BUDGET)
     # Set-up, not under test: on a loaded machine one connect can stall past the 200 ms budget (a CI run failed
     # there, before its first assertion); each attempt is still bounded by it.
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                await redis.ping(target_nodes=RedisCluster.ALL_NODES)
-                return redis
-            except REDIS_ERRORS:
-                await asyncio.sleep(0)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await redis.ping(target_nodes=RedisCluster.ALL_NODES)
+                    return redis
+                except REDIS_ERRORS:
+                    await asyncio.sleep(0)
+    except BaseException:
+        await close_redis(redis)  # the caller's finally never gets the client
+        raise
 
 
 async def test_a_cluster_down_reply_is_one_attempt_bounded_by_the_redis_timeout(
