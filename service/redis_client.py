@@ -147,7 +147,8 @@ class QuickCheckoutPool(ConnectionPool):
     # two batches per signed-url request. Taking and returning a connection are plain list operations with no
     # await between them, so on the event loop they are atomic without the lock; it matters only while
     # someone holds it across an await (redis-py's maintenance-notification and re-auth handlers), and then
-    # both go redis-py's own way and wait. A checkout still connects through redis-py's `ensure_connection`.
+    # both go redis-py's own way and wait. A checkout still goes through redis-py's `ensure_connection`:
+    # it connects, and reconnects a connection holding unread bytes (`_CHECKED_CHECKOUTS`).
 
     async def get_connection(self, *args: Any, **options: Any) -> AbstractConnection:
         """Return a connected connection from the pool: redis-py's way when its lock is held."""
