@@ -4,8 +4,8 @@ Under load, many requests reach their Redis step (the rate-limit EVALSHA, the le
 turn of the event loop. Sent one by one, each command costs redis-py a pooled connection, a socket write, a
 read wake-up and 50-100 us of client CPU; sent together they share all of that. envoyproxy/ratelimit calls
 this implicit pipelining (`REDIS_PIPELINE_WINDOW`, `REDIS_PIPELINE_LIMIT`). Nothing here waits for a batch
-to fill: a batch leaves at the end of the loop turn in which its first command was issued, or as soon as it
-holds `pipeline_limit` commands, so a lone command pays one extra loop turn and no timer.
+to fill: a batch's task is created with its first command and sends, on the next loop turn, every command
+issued until then (at most `pipeline_limit`), so a lone command pays one extra loop turn each way and no timer.
 
 What each command keeps: its own reply or its own command error (a NOSCRIPT reaches only the script's
 caller, never its neighbours; an argument that cannot be encoded fails its caller before it is queued). A
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any
 
 import hiredis
@@ -48,8 +49,8 @@ class PipeliningRedis(Redis):
         # Sentinel's `master_for` pass their keyword arguments to the connection pool, not to the client.
         self.pipeline_limit = DEFAULT_PIPELINE_LIMIT
         self.batch_timeout: float | None = None  # seconds; None = no deadline
+        # The open batch: commands queued since its task was created, which takes them when it first runs.
         self._queued: list[_Queued] = []
-        self._send_scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self._encoder = self.connection_pool.get_encoder()  # type: ignore[no-untyped-call]
         pool = self.connection_pool
@@ -65,32 +66,38 @@ class PipeliningRedis(Redis):
                 self._encoder.encode(arg)
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((args, options, reply))
-        if len(self._queued) >= self.pipeline_limit:
-            self._send_queued()
-        elif not self._send_scheduled:
-            self._send_scheduled = True
-            loop.call_soon(self._send_queued)
+        batch = self._queued
+        batch.append((args, options, reply))
+        if len(batch) == 1:
+            # The batch's task starts on the next loop turn, after every command of this turn has joined it.
+            # Created here rather than from a `call_soon` callback, which would cost a lone command one more
+            # loop turn (a pass of the loop and an epoll_wait) on its way out.
+            task = loop.create_task(self._send(batch))
+            # The loop keeps only weak references to tasks: hold each batch until it is done.
+            self._in_flight.add(task)
+            task.add_done_callback(functools.partial(self._batch_done, batch))
+        if len(batch) >= self.pipeline_limit:
+            self._queued = []
         return await reply
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        """Send what is queued, wait for the batches in flight, then close the client."""
-        self._send_queued()
-        if self._in_flight:
+        """Wait for the queued commands and the batches in flight (each has its task), then close the client."""
+        while self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         await super().aclose(close_connection_pool)
 
-    def _send_queued(self) -> None:
-        self._send_scheduled = False
-        batch, self._queued = self._queued, []
-        if not batch:
-            return
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        # The loop keeps only weak references to tasks: hold each batch until it is done.
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+    def _batch_done(self, batch: list[_Queued], task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if task.cancelled():
+            # Cancelled before its first step, the task never ran its own clean-up: no caller may wait forever.
+            if self._queued is batch:
+                self._queued = []
+            for _, _, reply in batch:
+                reply.cancel()
 
     async def _send(self, batch: list[_Queued]) -> None:
+        if self._queued is batch:
+            self._queued = []  # closed: commands from now on form the next batch
         try:
             async with asyncio.timeout(self.batch_timeout):
                 if len(batch) == 1:

@@ -143,6 +143,23 @@ async def test_a_cancelled_caller_leaves_the_others_and_the_connection_intact(
     assert list(await asyncio.gather(client.get("c"), client.get("a"))) == ["3", "1"]
 
 
+async def test_a_batch_cancelled_before_it_starts_cancels_its_callers(
+    make_client: MakeClient, admin: sync_redis.Redis
+) -> None:
+    admin.set("a", "1")
+    client = make_client()
+    callers = [asyncio.create_task(client.get("a")) for _ in range(3)]
+    await asyncio.sleep(0)  # one loop turn: the callers have queued; their batch's task has not run yet
+    # What asyncio.run's teardown does: cancel every task, the batch's among them, before it ever ran.
+    for task in asyncio.all_tasks() - {asyncio.current_task(), *callers}:
+        task.cancel()
+    async with asyncio.timeout(5):  # a bound, not a wait: no caller may be left waiting forever
+        outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes), outcomes
+    # The next command opens a batch of its own.
+    assert await client.get("a") == "1"
+
+
 async def test_a_dead_server_fails_every_caller_then_the_client_recovers(
     make_client: MakeClient, redis_server: RedisServer
 ) -> None:
