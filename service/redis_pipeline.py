@@ -89,7 +89,8 @@ class PipeliningRedis(Redis):
     def _batch_done(self, batch: list[_Queued], task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
         if task.cancelled():
-            # Cancelled before its first step, the task never ran its own clean-up: no caller may wait forever.
+            # Cancelled while sending or before its first step (then with its batch still open): its callers
+            # are cancelled with it, none may wait forever.
             if self._queued is batch:
                 self._queued = []
             for _, _, reply in batch:
@@ -109,10 +110,6 @@ class PipeliningRedis(Redis):
                     for args, options, _ in batch:
                         pipe.execute_command(*args, **options)
                     results = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            for _, _, reply in batch:
-                reply.cancel()
-            raise
         except TimeoutError:
             # asyncio's deadline, not redis-py's: callers see the error type a socket timeout gave them.
             error = RedisTimeoutError(f"Redis did not answer within {self.batch_timeout} s")
