@@ -19,6 +19,7 @@ connections without redis-py's per-checkout lock, metrics records and events (`Q
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any, cast
@@ -77,6 +78,13 @@ _CHECKED_CHECKOUTS: dict[str, Any] = {"maint_notifications_config": MaintNotific
 _DECODING: dict[str, Any] = {"decode_responses": True, "encoding_errors": "replace"}
 
 
+# True while a BudgetedRedisCluster command runs in this task: redis-py's own `aclose` calls then come from its
+# error handling, not from the client's owner.
+_INSIDE_CLUSTER_COMMAND: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "inside_cluster_command", default=False
+)
+
+
 class BudgetedRedisCluster(RedisCluster):
     """A RedisCluster whose commands each end within `command_timeout`, retrying connection errors only."""
 
@@ -92,10 +100,29 @@ class BudgetedRedisCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command like RedisCluster; raise TimeoutError when it outlasts `command_timeout`."""
-        if self.command_timeout is None:
-            return await self._routed(*args, **kwargs)
-        async with asyncio.timeout(self.command_timeout):
-            return await self._routed(*args, **kwargs)
+        inside = _INSIDE_CLUSTER_COMMAND.set(True)
+        try:
+            if self.command_timeout is None:
+                return await self._routed(*args, **kwargs)
+            async with asyncio.timeout(self.command_timeout):
+                return await self._routed(*args, **kwargs)
+        finally:
+            _INSIDE_CLUSTER_COMMAND.reset(inside)
+
+    async def aclose(self) -> None:
+        """Close every node's connections; called by redis-py inside a command, only mark them for a refresh."""
+        if not _INSIDE_CLUSTER_COMMAND.get():
+            await super().aclose()
+            return
+        # redis-py closes the whole client to read the topology again after CLUSTERDOWN, an uncovered slot or
+        # every few MOVED replies. That cut other requests' commands in flight on healthy nodes: a rate-limit
+        # script that had reserved was reported failed (so never refunded), and its connection-error retry ran
+        # it a second time. As redis-py does after a connection error: idle connections close now, busy ones
+        # when their command ends, and the next command reads the topology first.
+        self._initialize = True
+        for node in list(self.nodes_manager.nodes_cache.values()):
+            node.update_active_connections_for_reconnect()
+            await node.disconnect_free_connections()
 
     async def _routed(self, *args: Any, **kwargs: Any) -> Any:
         # After a CLUSTERDOWN redis-py drops its topology, default node included, and routes the next command

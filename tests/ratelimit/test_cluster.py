@@ -18,7 +18,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterDownError, RedisError
 
 from service.ratelimit import Decision, Hit, RateLimiterUnavailable, RedisRateLimiter, interval_us, state_key
 from service.redis_client import REDIS_ERRORS, close_redis, create_redis
@@ -548,6 +548,50 @@ async def outage(kind: str, nodes: list[RedisServer], key: str) -> AsyncIterator
     else:
         with cluster_down_on(nodes, key):
             yield
+
+
+# Holds its master for ARGV[1] ms, then counts once: a command that is surely in flight for that long.
+BUSY_INCR = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000
+return redis.call('INCR', KEYS[1])
+"""
+
+
+async def test_a_cluster_down_reply_leaves_the_commands_in_flight_on_other_masters_intact(
+    cluster_nodes: list[RedisServer],
+) -> None:
+    # redis-py meets CLUSTERDOWN by closing the whole client, in-use connections included: a command in flight
+    # on a healthy master lost its reply, and its connection-error retry ran it a second time (a rate-limit
+    # reservation made twice, or made and reported failed, so never refunded).
+    flush(cluster_nodes)
+    ports = [node.port for node in cluster_nodes]
+    down_key, busy_key = on_node(cluster_nodes, ports[0], "down-"), on_node(cluster_nodes, ports[1], "busy-")
+    redis = create_redis(RedisTopology(url=f"redis://127.0.0.1:{ports[0]}", cluster=True), timeout=5)
+    busy_master = master_client(cluster_nodes, ports[1])
+    threshold = busy_master.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    try:
+        await redis.ping(target_nodes=RedisCluster.ALL_NODES)  # topology and connections in place
+        # While a script runs past 10 ms, the master answers others BUSY: how the test sees it in flight.
+        busy_master.config_set("busy-reply-threshold", 10)
+        with cluster_down_on(cluster_nodes, down_key):
+            counted = asyncio.create_task(redis.eval(BUSY_INCR, 1, busy_key, 1000))
+            while True:  # condition wait, bounded by the script's own second
+                try:
+                    await asyncio.to_thread(busy_master.ping)
+                except RedisError as busy:
+                    assert "BUSY" in str(busy)
+                    break
+                assert not counted.done(), counted
+            with pytest.raises(ClusterDownError):
+                await redis.get(down_key)
+            assert await asyncio.wait_for(counted, 5) == 1
+        assert busy_master.get(busy_key) == "1"  # run once
+    finally:
+        busy_master.config_set("busy-reply-threshold", threshold)
+        busy_master.close()
+        await close_redis(redis)
 
 
 @pytest.mark.parametrize("kind", ["asleep", "cluster-down"])
