@@ -570,7 +570,7 @@ async def test_a_cluster_down_reply_leaves_the_commands_in_flight_on_other_maste
     down_key, busy_key = on_node(cluster_nodes, ports[0], "down-"), on_node(cluster_nodes, ports[1], "busy-")
     redis = create_redis(RedisTopology(url=f"redis://127.0.0.1:{ports[0]}", cluster=True), timeout=5)
     busy_master = master_client(cluster_nodes, ports[1])
-    threshold = busy_master.config_get("busy-reply-threshold")["busy-reply-threshold"]
+    threshold = str(busy_master.config_get("busy-reply-threshold")["busy-reply-threshold"])
     try:
         await redis.ping(target_nodes=RedisCluster.ALL_NODES)  # topology and connections in place
         # While a script runs past 10 ms, the master answers others BUSY: how the test sees it in flight.
