@@ -17,7 +17,8 @@ with the same settings (1 worker, uvloop, httptools, no access log, 127.0.0.1):
 
 Load comes from wrk (one thread; a generated Lua script carries the Authorization header and POST body)
 at each concurrency for signed-url, list and feedback, the targets interleaved so that machine noise
-spreads over all of them. Then a memory soak: the gateway's RSS after a warm-up and after 100,000 more
+spreads over all of them; with `--fresh-processes`, every Python target is started afresh for each round (two
+processes of the same code differ by a few per cent). Then a memory soak: the gateway's RSS after a warm-up and after 100,000 more
 requests (signed-url, list and feedback in turn). It prints req/s, p50, p99, the ratios and the targets,
 and writes `bench-<time>.json` and `.png` (matplotlib, if installed) to `tests/perf/results/`.
 Absolute numbers on a shared machine are noise; the ratios measured side by side are the figures.
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +85,7 @@ class Options:
     only: tuple[str, ...] = ()
     levers: tuple[str, ...] = ()
     rounds: int = 1
+    fresh_processes: bool = False  # start every Python target afresh for each round
     soak_requests: int = 100_000
     soak_warmup: int = 10_000
     upstream: str = "auto"  # auto, nginx or python
@@ -313,26 +315,46 @@ def run(options: Options) -> tuple[Run, Path]:
     _say(options, f"# about {estimate_seconds(options, len(chosen)):.0f} s of load")
 
     with environment(upstream_kind, "convai-bench-") as (procs, workdir, redis, upstream_url):
-        started = {x.name: (x, *start_target(procs, workdir, x, upstream_url, redis.url)) for x in chosen}
-        for target, child, url in started.values():
-            if target.role == "gateway":
-                wait_http(child, url + "/readyz", expect=200)
-            else:
-                wait_http(child, url + "/")
+        roles = {x.name: x.role for x in chosen}
+        children = _start_targets(procs, workdir, chosen, upstream_url, redis.url)
         result.meta["processes"] = {child.name: child.pid for child in procs.children}
         result.meta["processes"]["redis"] = redis.process.pid if redis.process else None
-        urls = {name: url for name, (_, _, url) in started.items()}
-        children = {name: (child, url) for name, (_, child, url) in started.items()}
-        check_answers(urls, loads, options.endpoints)
-        _measure_all(options, result, children, loads, workdir)
-        gateway = started.get("gateway")
+        check_answers({name: url for name, (_, url) in children.items()}, loads, options.endpoints)
+
+        def restart(round_number: int) -> dict[str, tuple[Child, str]]:
+            # nginx stays: it is the physical limit, not a Python process with a layout of its own.
+            python = [x for x in chosen if x.role != "nginx"]
+            for target in python:
+                procs.stop(children[target.name][0])
+            renamed = [replace(x, name=f"{x.name}.round{round_number}") for x in python]
+            fresh = _start_targets(procs, workdir, renamed, upstream_url, redis.url)
+            result.meta["processes"].update({child.name: child.pid for child, _ in fresh.values()})
+            return {**children, **{x.name: fresh[r.name] for x, r in zip(python, renamed, strict=True)}}
+
+        children = _measure_all(
+            options, result, children, loads, workdir, restart if options.fresh_processes else None
+        )
+        gateway = children.get("gateway")
         if gateway is not None and options.soak_requests > 0:
-            result.soak = _soak(options, gateway[1], gateway[2], loads, workdir)
-        for target, child, _ in started.values():
-            if target.role == "gateway":
-                result.meta.setdefault("gateway_log_lines", {})[target.name] = _count_lines(child.log_path)
+            result.soak = _soak(options, gateway[0], gateway[1], loads, workdir)
+        for name, (child, _) in children.items():
+            if roles[name] == "gateway":
+                result.meta.setdefault("gateway_log_lines", {})[name] = _count_lines(child.log_path)
     path = write_results(result)
     return result, path
+
+
+def _start_targets(
+    procs: Processes, workdir: Path, chosen: Sequence[Target], upstream: str, redis_url: str
+) -> dict[str, tuple[Child, str]]:
+    """Start `chosen` together, wait until each answers (a gateway: ready), and return them by name."""
+    started = {x.name: (x, *start_target(procs, workdir, x, upstream, redis_url)) for x in chosen}
+    for target, child, url in started.values():
+        if target.role == "gateway":
+            wait_http(child, url + "/readyz", expect=200)
+        else:
+            wait_http(child, url + "/")
+    return {name: (child, url) for name, (_, child, url) in started.items()}
 
 
 def _meta(
@@ -352,6 +374,7 @@ def _meta(
         "duration_s": options.duration,
         "warmup_s": options.warmup,
         "rounds": options.rounds,
+        "fresh_processes": options.fresh_processes,
         "concurrencies": list(options.concurrencies),
         "endpoints": list(options.endpoints),
         "targets": [{"name": x.name, "role": x.role, "levers_off": list(x.levers)} for x in chosen],
@@ -380,12 +403,17 @@ def _measure_all(
     started: dict[str, tuple[Child, str]],
     loads: dict[str, Workload],
     workdir: Path,
-) -> None:
+    restart: Callable[[int], dict[str, tuple[Child, str]]] | None = None,
+) -> dict[str, tuple[Child, str]]:
+    """Measure every cell, round after round (each round on fresh processes with `restart`); return the last."""
     top = max(options.concurrencies)
-    for endpoint in options.endpoints if options.warmup > 0 else ():
-        for _, url in started.values():
-            measure(url, loads[endpoint], top, options.warmup, workdir)
     for round_number in range(1, options.rounds + 1):
+        if restart is not None and round_number > 1:
+            started = restart(round_number)
+        if round_number == 1 or restart is not None:
+            for endpoint in options.endpoints if options.warmup > 0 else ():
+                for _, url in started.values():
+                    measure(url, loads[endpoint], top, options.warmup, workdir)
         for endpoint in options.endpoints:
             for concurrency in options.concurrencies:
                 for name, (child, url) in started.items():
@@ -402,6 +430,7 @@ def _measure_all(
                         f"{m.requests_per_second:9.0f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:8.2f} ms"
                         f"  cpu {cpu:7.0f} us/req" + (f"  ERRORS {m.errors}" if m.errors else ""),
                     )
+    return started
 
 
 def _soak(
@@ -698,6 +727,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         "--rounds", type=int, default=1, help="repeat every cell and keep the median (default 1)"
     )
     parser.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="start every Python target afresh for each round: two processes of the same code differ by a few "
+        "per cent, so medians over --rounds N then span N processes each",
+    )
+    parser.add_argument(
         "--soak-requests", type=int, help="requests of the memory soak (default 100000, 0 = none)"
     )
     parser.add_argument("--soak-warmup", type=int, help="warm-up requests before the soak (default 10000)")
@@ -709,7 +744,11 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     args = parser.parse_args(argv)
     options = Options(
-        upstream=args.upstream, output_dir=args.output_dir, chart=not args.no_chart, rounds=args.rounds
+        upstream=args.upstream,
+        output_dir=args.output_dir,
+        chart=not args.no_chart,
+        rounds=args.rounds,
+        fresh_processes=args.fresh_processes,
     )
     if args.quick:
         options.duration, options.warmup, options.concurrencies = 1.0, 0.5, (1, 10)

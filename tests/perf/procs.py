@@ -105,6 +105,11 @@ class Processes:
         self.children.append(child)
         return child
 
+    def stop(self, child: Child) -> None:
+        """Stop one child now (SIGTERM to its group, SIGKILL after 5 s); its log stays."""
+        _stop(child.process)
+        self.children.remove(child)
+
     def close(self) -> None:
         """Stop every child (SIGTERM to its group, SIGKILL after 5 s) and close the log files."""
         for child in reversed(self.children):

@@ -71,3 +71,38 @@ def test_quick_bench_measures_gateway_and_bare_proxy_and_writes_json(tmp_path: P
     pids = [pid for pid in data["meta"]["processes"].values() if pid]
     assert len(pids) >= 4
     assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_fresh_processes_measure_each_round_on_new_target_processes(tmp_path: Path) -> None:
+    options = parse_options(
+        [
+            "--quick",
+            "--rounds",
+            "2",
+            "--fresh-processes",
+            "--soak-requests",
+            "0",
+            "--only",
+            "gateway,bare",
+            "--endpoints",
+            "signed-url",
+            "--concurrency",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    options.quiet = True
+
+    _, path = run(options)
+
+    data = json.loads(path.read_text())
+    assert data["meta"]["fresh_processes"] is True
+    processes = data["meta"]["processes"]
+    # Round 2 ran on processes of its own, not on round 1's.
+    assert {"gateway", "gateway.round2", "bare", "bare.round2"} <= set(processes)
+    assert processes["gateway"] != processes["gateway.round2"]
+    for cell in data["results"]:
+        assert len(cell["rounds_rps"]) == 2 and all(rps > 0 for rps in cell["rounds_rps"]), cell
+        assert cell["errors"] == 0, cell
+    assert not [pid for pid in processes.values() if pid and _alive(pid)]
