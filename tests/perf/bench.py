@@ -321,15 +321,15 @@ def run(options: Options) -> tuple[Run, Path]:
         result.meta["processes"]["redis"] = redis.process.pid if redis.process else None
         check_answers({name: url for name, (_, url) in children.items()}, loads, options.endpoints)
 
-        def restart(round_number: int) -> dict[str, tuple[Child, str]]:
+        def restart(round_number: int, running: dict[str, tuple[Child, str]]) -> dict[str, tuple[Child, str]]:
             # nginx stays: it is the physical limit, not a Python process with a layout of its own.
             python = [x for x in chosen if x.role != "nginx"]
             for target in python:
-                procs.stop(children[target.name][0])
+                procs.stop(running[target.name][0])
             renamed = [replace(x, name=f"{x.name}.round{round_number}") for x in python]
             fresh = _start_targets(procs, workdir, renamed, upstream_url, redis.url)
             result.meta["processes"].update({child.name: child.pid for child, _ in fresh.values()})
-            return {**children, **{x.name: fresh[r.name] for x, r in zip(python, renamed, strict=True)}}
+            return {**running, **{x.name: fresh[r.name] for x, r in zip(python, renamed, strict=True)}}
 
         children = _measure_all(
             options, result, children, loads, workdir, restart if options.fresh_processes else None
@@ -403,13 +403,13 @@ def _measure_all(
     started: dict[str, tuple[Child, str]],
     loads: dict[str, Workload],
     workdir: Path,
-    restart: Callable[[int], dict[str, tuple[Child, str]]] | None = None,
+    restart: Callable[[int, dict[str, tuple[Child, str]]], dict[str, tuple[Child, str]]] | None = None,
 ) -> dict[str, tuple[Child, str]]:
     """Measure every cell, round after round (each round on fresh processes with `restart`); return the last."""
     top = max(options.concurrencies)
     for round_number in range(1, options.rounds + 1):
         if restart is not None and round_number > 1:
-            started = restart(round_number)
+            started = restart(round_number, started)
         if round_number == 1 or restart is not None:
             for endpoint in options.endpoints if options.warmup > 0 else ():
                 for _, url in started.values():

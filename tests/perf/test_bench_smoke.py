@@ -78,7 +78,7 @@ def test_fresh_processes_measure_each_round_on_new_target_processes(tmp_path: Pa
         [
             "--quick",
             "--rounds",
-            "2",
+            "3",
             "--fresh-processes",
             "--soak-requests",
             "0",
@@ -99,10 +99,11 @@ def test_fresh_processes_measure_each_round_on_new_target_processes(tmp_path: Pa
     data = json.loads(path.read_text())
     assert data["meta"]["fresh_processes"] is True
     processes = data["meta"]["processes"]
-    # Round 2 ran on processes of its own, not on round 1's.
-    assert {"gateway", "gateway.round2", "bare", "bare.round2"} <= set(processes)
-    assert processes["gateway"] != processes["gateway.round2"]
+    # Rounds 2 and 3 ran on processes of their own, not on an earlier round's.
+    names = ("gateway", "gateway.round2", "gateway.round3", "bare", "bare.round2", "bare.round3")
+    assert set(names) <= set(processes)
+    assert len({processes[name] for name in names}) == len(names)
     for cell in data["results"]:
-        assert len(cell["rounds_rps"]) == 2 and all(rps > 0 for rps in cell["rounds_rps"]), cell
+        assert len(cell["rounds_rps"]) == 3 and all(rps > 0 for rps in cell["rounds_rps"]), cell
         assert cell["errors"] == 0, cell
     assert not [pid for pid in processes.values() if pid and _alive(pid)]
