@@ -6,8 +6,9 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from tests.perf.bench import ENDPOINTS, parse_options, run, table
+from tests.perf.bench import ENDPOINTS, Run, parse_options, run, table
 
 
 def _alive(pid: int) -> bool:
@@ -18,29 +19,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_quick_bench_measures_gateway_and_bare_proxy_and_writes_json(tmp_path: Path) -> None:
-    options = parse_options(
-        [
-            "--quick",
-            "--soak-requests",
-            "1000",
-            "--soak-warmup",
-            "200",
-            "--only",
-            "gateway,bare",
-            "--concurrency",
-            "10",
-            "--warmup",
-            "0",
-            "--output-dir",
-            str(tmp_path),
-        ]
-    )
+def _quick_run(tmp_path: Path, *args: str) -> tuple[Run, Path, dict[str, Any]]:
+    """Run a quick bench of the gateway and the bare proxy with `args`; return the run, its JSON file and data."""
+    options = parse_options(["--quick", "--only", "gateway,bare", "--output-dir", str(tmp_path), *args])
     options.quiet = True
-
     result, path = run(options)
+    return result, path, json.loads(path.read_text())
 
-    data = json.loads(path.read_text())
+
+def test_quick_bench_measures_gateway_and_bare_proxy_and_writes_json(tmp_path: Path) -> None:
+    result, path, data = _quick_run(
+        tmp_path, "--soak-requests", "1000", "--soak-warmup", "200", "--concurrency", "10", "--warmup", "0"
+    )
+
     cells = {(cell["target"], cell["endpoint"]): cell for cell in data["results"]}
     assert set(cells) == {(target, endpoint) for target in ("gateway", "bare") for endpoint in ENDPOINTS}
     for cell in cells.values():
@@ -74,29 +65,19 @@ def test_quick_bench_measures_gateway_and_bare_proxy_and_writes_json(tmp_path: P
 
 
 def test_fresh_processes_measure_each_round_on_new_target_processes(tmp_path: Path) -> None:
-    options = parse_options(
-        [
-            "--quick",
-            "--rounds",
-            "3",
-            "--fresh-processes",
-            "--soak-requests",
-            "0",
-            "--only",
-            "gateway,bare",
-            "--endpoints",
-            "signed-url",
-            "--concurrency",
-            "1",
-            "--output-dir",
-            str(tmp_path),
-        ]
+    _, _, data = _quick_run(
+        tmp_path,
+        "--rounds",
+        "3",
+        "--fresh-processes",
+        "--soak-requests",
+        "0",
+        "--endpoints",
+        "signed-url",
+        "--concurrency",
+        "1",
     )
-    options.quiet = True
 
-    _, path = run(options)
-
-    data = json.loads(path.read_text())
     assert data["meta"]["fresh_processes"] is True
     processes = data["meta"]["processes"]
     # Rounds 2 and 3 ran on processes of their own, not on an earlier round's.
