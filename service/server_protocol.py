@@ -17,6 +17,9 @@ holds more than `MAX_CONNECTIONS` (idle kept-alive ones included) gets `503 too_
 `Retry-After: 1` for its first request and is closed: open sockets, and the memory each costs, stay bounded, and the
 connections already open are served as before.
 
+A response's status line and headers leave with its first body bytes, in one send (`HeadWithBodyTransport`):
+uvicorn alone sends them apart, two TCP segments for every short answer.
+
 Each refusal is visible as every response is: an access-log line in the app's shape (route `unmatched`) naming the
 `X-Request-ID` it carries, a count in the process's request metrics (reached through the app's lifespan state, which
 uvicorn hands every connection), and the app's CORS headers.
@@ -117,6 +120,54 @@ def configured_max_connections() -> int:
     return worker_settings().max_connections
 
 
+class HeadWithBodyTransport(asyncio.Transport):
+    """A connection's transport as one response sees it: the response head leaves with the first body bytes.
+
+    uvicorn writes the status line and headers as soon as the app sends `http.response.start`, then each body
+    chunk: two sends for a short answer, so two TCP segments and two wake-ups of the client. The ASGI spec lets
+    a server hold the head until the first `http.response.body` (Hypercorn and Daphne do; nginx sends a
+    proxied answer's head and body in one segment). Bytes are only joined, never dropped or reordered: a close
+    sends what is held first. Only for a response whose first write through it is its head.
+    """
+
+    __slots__ = ("_head", "_head_written", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        # No BaseTransport.__init__: its `extra` serves get_extra_info, answered here by the connection's transport.
+        self._transport = transport
+        self._head: bytes | bytearray | memoryview | None = None
+        self._head_written = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Hold the response head; send anything after it (with the head, the first time)."""
+        if not self._head_written:
+            self._head_written = True
+            self._head = data
+            return
+        head = self._head
+        if head is None:
+            self._transport.write(data)
+        else:
+            self._head = None
+            self._transport.write(bytes(head) + data)
+
+    def close(self) -> None:
+        """Send a head still held, then close the connection."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        """Return whether the connection is closing or closed."""
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Return the connection's transport information (peer and socket names, the socket...)."""
+        return self._transport.get_extra_info(name, default)
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that closes with 408 on slow request headers and 431 on oversized ones.
 
@@ -215,6 +266,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             # response") or an exception raised after it started ("Exception in ASGI application") only once
             # the app has returned, when the request id's context is gone: the cycle's logger names it instead.
             cycle.logger = RequestIdLogger(cycle.logger, cycle.scope)  # type: ignore[assignment]
+            # A HEAD answer writes no body to join its head to, and a 100 Continue is written before the head.
+            if not cycle.waiting_for_100_continue and cycle.scope["method"] != "HEAD":
+                cycle.transport = HeadWithBodyTransport(cycle.transport)
 
     def on_body(self, body: bytes) -> None:
         """Pass a body chunk to the request's cycle, unless the request was refused."""
