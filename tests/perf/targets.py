@@ -22,7 +22,8 @@ no access log, loopback only); the gateway's httptools protocol is `serve`'s, wh
   `no-redis-pipelining` (REDIS_PIPELINE_LIMIT=0: every Redis command alone), `no-header-deadline` (uvicorn's
   plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default),
   `stock-redis-pool` (redis-py's own pool checkout and return instead of `QuickCheckoutPool`'s),
-  `stdlib-json` (answers, log lines and ledger entries through CPython's C encoder instead of orjson).
+  `stdlib-json` (answers, log lines and ledger entries through CPython's C encoder instead of orjson),
+  `split-head` (each response's head written on its own, as uvicorn does, instead of with the first body bytes).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
   first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
@@ -81,6 +82,7 @@ LEVERS = (
     "no-header-deadline",
     "stock-redis-pool",
     "stdlib-json",
+    "split-head",
 )
 # The gateway runs under `serve`'s HTTP protocol (uvicorn's httptools plus a request-header deadline), so the
 # figures are those of what ships; the references keep plain httptools.
@@ -364,6 +366,8 @@ def gateway_factory() -> Any:
         stock_redis_pool()
     if "stdlib-json" in levers:
         stdlib_json()
+    if "split-head" in levers:
+        split_head()
     _apply_ablations(levers)
     if "no-redis-pipelining" in levers:
         os.environ["REDIS_PIPELINE_LIMIT"] = "0"
@@ -387,6 +391,16 @@ def stock_redis_pool() -> None:
 
     QuickCheckoutPool.get_connection = ConnectionPool.get_connection  # type: ignore[method-assign]
     QuickCheckoutPool.release = ConnectionPool.release  # type: ignore[method-assign]
+
+
+def split_head() -> None:
+    """Write each response's head as uvicorn does, on its own, before the body (serve's protocol joins them)."""
+    from service import server_protocol
+
+    def unchanged(transport: Any) -> Any:
+        return transport
+
+    vars(server_protocol)["HeadWithBodyTransport"] = unchanged
 
 
 def plain_json_users() -> list[str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 
 import pytest
 from redis.asyncio.connection import ConnectionPool
 from uvicorn.importer import import_from_string
 
+from service import server_protocol
 from service.redis_client import QuickCheckoutPool
 from service.responses import JsonAnswer
 from service.server_protocol import HeaderDeadlineProtocol
@@ -17,6 +19,7 @@ from tests.perf.targets import (
     SKELETON_REMOVES,
     expand_levers,
     plain_json_users,
+    split_head,
     stdlib_json,
     stock_redis_pool,
     uvicorn_settings,
@@ -93,3 +96,11 @@ def test_stdlib_json_lever_renders_through_the_c_encoder(monkeypatch: pytest.Mon
     assert JsonAnswer({"ratio": 1e-05}).body == b'{"ratio":1e-05}'  # CPython's
     assert all(importlib.import_module(name).plain_json.__name__ == "refuse" for name in users)
     assert plain_json_users() == []  # no module left rendering through orjson
+
+
+def test_split_head_lever_writes_heads_on_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_protocol, "HeadWithBodyTransport", server_protocol.HeadWithBodyTransport)
+    transport = asyncio.Transport()
+    assert isinstance(server_protocol.HeadWithBodyTransport(transport), server_protocol.HeadWithBodyTransport)
+    split_head()
+    assert server_protocol.HeadWithBodyTransport(transport) is transport
