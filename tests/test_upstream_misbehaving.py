@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.errors import AudioStreamsBusy, UpstreamError, UpstreamTimeout
-from service.upstream import MAX_JSON_BODY_BYTES, AiohttpUpstreamTransport, UnreadableBody
+from service.upstream import MAX_JSON_BODY_BYTES, AiohttpUpstreamTransport, UnreadableBody, parse_json
 from tests.test_upstream import harness, outcomes
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -376,3 +378,67 @@ async def test_a_response_arriving_on_an_idle_connection_never_answers_a_later_r
                 await asyncio.sleep(0.001)
         second = await h.client.get_webrtc_token("agent_demo", participant_name="bob")
     assert (first, second) == ({"token": "for-alice"}, {"token": "for-bob"})
+
+
+# Any JSON value the gateway could be handed (text that json.dumps writes, so valid and finite).
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@given(json_values, st.booleans())
+def test_an_answer_parses_to_exactly_what_the_stdlib_reads(value: object, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    parsed = parse_json(text)
+    assert parsed == json.loads(text)
+    assert json.dumps(parsed) == json.dumps(json.loads(text))  # the same types and float values throughout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            b"-9223372036854775809",
+            -9223372036854775809,
+        ),  # beyond 64 bits: still an exact int (orjson: a float)
+        (b"123456789012345678901234567890", 123456789012345678901234567890),
+        (
+            b'"\\ud800"',
+            "\ud800",
+        ),  # a lone surrogate: refused by the fast parser, read by the stdlib as before
+        (b"-0", 0),
+        (b"1E5", 100000.0),
+        (b'{"a":1,"a":2}', {"a": 2}),  # the last duplicate wins, as in json.loads
+    ],
+    ids=["beyond-64-bits", "30-digits", "lone-surrogate", "minus-zero", "exponent", "duplicate-key"],
+)
+def test_answers_parse_as_the_stdlib_reads_them(text: bytes, expected: object) -> None:
+    parsed = parse_json(text)
+    assert parsed == expected and type(parsed) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"1" * 4301, b'{"a":1,}', b"\xef\xbb\xbf{}", b'"\x01"', b"01"],
+    ids=["digits", "comma", "bom", "control", "zero"],
+)
+def test_what_the_stdlib_refuses_is_refused(text: bytes) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text.decode("utf-8"))  # as text: json.loads would take the bytes' BOM as an encoding mark
+    with pytest.raises(ValueError):
+        parse_json(text)
+
+
+async def test_an_integer_beyond_64_bits_reaches_the_route_exact() -> None:
+    body = b'{"conversations":[{"conversation_id":"conv_1","size":18446744073709551617}],"has_more":false}'
+    async with raw_upstream(answering(body)) as url, harness(url) as h:
+        page = await h.client.list_conversations([])
+    assert page["conversations"][0]["size"] == 18446744073709551617

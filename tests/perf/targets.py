@@ -23,7 +23,8 @@ no access log, loopback only); the gateway's httptools protocol is `serve`'s, wh
   plain httptools protocol instead of `serve`'s `HeaderDeadlineProtocol`, which the gateway runs by default),
   `stock-redis-pool` (redis-py's own pool checkout and return instead of `QuickCheckoutPool`'s),
   `stdlib-json` (answers, log lines and ledger entries through CPython's C encoder instead of orjson),
-  `split-head` (each response's head written on its own, as uvicorn does, instead of with the first body bytes).
+  `split-head` (each response's head written on its own, as uvicorn does, instead of with the first body bytes),
+  `stdlib-parse` (upstream's answers parsed by the stdlib's scanner alone, without msgspec in front).
   Ablations remove a whole component to attribute its cost: `no-logging`, `no-ratelimit`,
   `no-ledger-write`, `no-metrics`, `no-gc-freeze` (measurement only, never a configuration); `skeleton` removes the
   first four at once: what is left (uvicorn, Starlette, the middlewares, the cached JWT check, the upstream call
@@ -83,6 +84,7 @@ LEVERS = (
     "stock-redis-pool",
     "stdlib-json",
     "split-head",
+    "stdlib-parse",
 )
 # The gateway runs under `serve`'s HTTP protocol (uvicorn's httptools plus a request-header deadline), so the
 # figures are those of what ships; the references keep plain httptools.
@@ -368,6 +370,8 @@ def gateway_factory() -> Any:
         stdlib_json()
     if "split-head" in levers:
         split_head()
+    if "stdlib-parse" in levers:
+        stdlib_parse()
     _apply_ablations(levers)
     if "no-redis-pipelining" in levers:
         os.environ["REDIS_PIPELINE_LIMIT"] = "0"
@@ -401,6 +405,17 @@ def split_head() -> None:
         return transport
 
     vars(server_protocol)["HeadWithBodyTransport"] = unchanged
+
+
+def stdlib_parse() -> None:
+    """Parse upstream's answers with the stdlib's scanner alone: msgspec refuses every text, so it decides."""
+    from service import upstream
+
+    class Refusing:
+        def decode(self, content: bytes) -> Any:
+            raise ValueError("the stdlib-parse lever")
+
+    vars(upstream)["_FAST_JSON_DECODER"] = Refusing()
 
 
 def plain_json_users() -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio.connection import ConnectionPool
 from uvicorn.importer import import_from_string
 
-from service import server_protocol
+from service import server_protocol, upstream
 from service.redis_client import QuickCheckoutPool
 from service.responses import JsonAnswer
 from service.server_protocol import HeaderDeadlineProtocol
@@ -21,6 +21,7 @@ from tests.perf.targets import (
     plain_json_users,
     split_head,
     stdlib_json,
+    stdlib_parse,
     stock_redis_pool,
     uvicorn_settings,
 )
@@ -104,3 +105,11 @@ def test_split_head_lever_writes_heads_on_their_own(monkeypatch: pytest.MonkeyPa
     assert isinstance(server_protocol.HeadWithBodyTransport(transport), server_protocol.HeadWithBodyTransport)
     split_head()
     assert server_protocol.HeadWithBodyTransport(transport) is transport
+
+
+def test_stdlib_parse_lever_leaves_upstreams_answers_to_the_stdlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "_FAST_JSON_DECODER", upstream._FAST_JSON_DECODER)
+    stdlib_parse()
+    with pytest.raises(ValueError, match="stdlib-parse"):
+        upstream._FAST_JSON_DECODER.decode(b"[]")
+    assert upstream.parse_json(b'{"a":[1,2.5]}') == {"a": [1, 2.5]}  # read by the fallback
