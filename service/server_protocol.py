@@ -130,18 +130,18 @@ class HeadWithBodyTransport(asyncio.Transport):
     sends what is held first. Only for a response whose first write through it is its head.
     """
 
-    __slots__ = ("_head", "_head_written", "_transport")
+    __slots__ = ("_head", "_head_received", "_transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         # No BaseTransport.__init__: its `extra` serves get_extra_info, answered here by the connection's transport.
         self._transport = transport
         self._head: bytes | bytearray | memoryview | None = None
-        self._head_written = False
+        self._head_received = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hold the response head; send anything after it (with the head, the first time)."""
-        if not self._head_written:
-            self._head_written = True
+        if not self._head_received:
+            self._head_received = True
             self._head = data
             return
         head = self._head
