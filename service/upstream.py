@@ -861,6 +861,12 @@ def parse_json(content: bytes) -> Any:
         return _FAST_JSON_DECODER.decode(content)
     except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
         pass
+    # Outside the handler: the stdlib's own error, if any, is raised without msgspec's as its context.
+    return parse_json_with_stdlib(content)
+
+
+def parse_json_with_stdlib(content: bytes) -> Any:
+    """Parse an upstream JSON body with the stdlib's scanner alone, refusing what `parse_json` refuses."""
     # Let through, they would fail only later, when the gateway renders its answer: a 500, not a 502.
     # json.loads reads 1e400 as an infinity; RFC 8259 leaves such numbers to the implementation.
     return _JSON_DECODER.decode(content.decode("utf-8"))
