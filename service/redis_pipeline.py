@@ -82,8 +82,11 @@ class PipeliningRedis(Redis):
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Wait for the queued commands and the batches in flight (each has its task), then close the client."""
-        while self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        # Only the unfinished ones: a finished batch leaves `_in_flight` by a done-callback, on a later loop
+        # turn, and from Python 3.12 on `gather` of tasks that are all done completes without yielding, so
+        # waiting on `_in_flight` itself spun for ever (the callback never got its turn) at 100 % CPU.
+        while unfinished := [task for task in self._in_flight if not task.done()]:
+            await asyncio.gather(*unfinished, return_exceptions=True)
         await super().aclose(close_connection_pool)
 
     def _batch_done(self, batch: list[_Queued], task: asyncio.Task[None]) -> None:
