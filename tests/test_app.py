@@ -314,7 +314,8 @@ def test_serve_factory_freezes_start_up_objects_out_of_gc_scans() -> None:
         "print(before, gc.get_freeze_count())\n"
     )
     before, after = (int(n) for n in output_of_child(script).split())
-    assert before == 0 and after > 10_000
+    # Not `before == 0`: some interpreters start with objects frozen already (375 on CPython 3.12.1).
+    assert after - before > 10_000
 
 
 def test_the_served_app_never_imports_the_emulator() -> None:
