@@ -530,7 +530,9 @@ async def test_audio_stalling_mid_stream_is_a_timeout(kind: TransportKind) -> No
     app = Starlette(routes=[Route("/v1/convai/conversations/{cid}/audio", stalling_audio)])
     received: list[bytes] = []
     with serve_http(app) as served:
-        async with harness(served.url, kind=kind, audio_read_timeout=0.2) as h:
+        # 0.5 s, well under the 2 s stall: the head, read under the same timeout, took over 0.2 s once on a
+        # loaded machine, and the test then timed out before the stream it is about.
+        async with harness(served.url, kind=kind, audio_read_timeout=0.5) as h:
             with pytest.raises(UpstreamTimeout):
                 async with h.client.stream_audio("conv_1") as audio:
                     async for chunk in audio.chunks():
