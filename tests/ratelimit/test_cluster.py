@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisError
 
+from service.ledger import LedgerEntry, LedgerUnavailable, RedisLedger, ledger_key
 from service.ratelimit import Decision, Hit, RateLimiterUnavailable, RedisRateLimiter, interval_us, state_key
 from service.redis_client import REDIS_ERRORS, close_redis, create_redis
 from service.settings import RateLimitPolicy, RedisTopology
@@ -157,8 +158,6 @@ async def test_script_reloads_on_every_node(cluster: RedisCluster, cluster_nodes
 
 
 async def test_ledger_round_trips_across_cluster_slots(cluster: RedisCluster) -> None:
-    from service.ledger import LedgerEntry, RedisLedger, ledger_key
-
     ledger = RedisLedger(cluster, ttl_days=1)
     ids = [f"conv_{i:026d}" for i in range(40)]
     assert len({key_slot(ledger_key(i).encode()) for i in ids}) > 1, "ids must spread over slots"
@@ -413,10 +412,10 @@ async def test_the_first_command_after_a_cluster_down_reply_goes_to_its_keys_mas
 BUDGET = 0.2
 
 
-async def lookup_once_recovered(ledger: Any, conversation_id: str, *, attempts: int) -> Any:
+async def lookup_once_recovered(
+    ledger: RedisLedger, conversation_id: str, *, attempts: int
+) -> LedgerEntry | None:
     """Return the ledger's entry for `conversation_id` from the first of `attempts` lookups that succeeds."""
-    from service.ledger import LedgerUnavailable
-
     for _ in range(attempts - 1):
         try:
             return await ledger.lookup(conversation_id)
@@ -449,9 +448,6 @@ async def test_a_cluster_down_reply_is_one_attempt_bounded_by_the_redis_timeout(
 ) -> None:
     # redis-py meets CLUSTERDOWN by closing every node's connections and sleeping 250 ms, and it retried: each
     # command cost 2 attempts and 500 ms against a 100 ms REDIS_TIMEOUT_MS, and the ledger has no breaker.
-    from service.ledger import LedgerEntry, LedgerUnavailable, RedisLedger, ledger_key
-    from service.ratelimit import RateLimiterUnavailable
-
     redis = await budgeted_cluster(cluster_nodes)
     try:
         limiter = RedisRateLimiter(redis)
@@ -504,7 +500,6 @@ async def test_a_cluster_down_reply_is_one_attempt_bounded_by_the_redis_timeout(
 async def test_gateway_on_a_cluster_down_master_fails_closed_within_the_budget(
     cluster_nodes: list[RedisServer], emulator_url: str, tmp_path: pytest.TempPathFactory
 ) -> None:
-    from service.ledger import ledger_key
     from tests.conftest import EMULATOR_API_KEY
     from tests.support.gateway import run_gateway
 
