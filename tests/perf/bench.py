@@ -19,8 +19,9 @@ Load comes from wrk (one thread; a generated Lua script carries the Authorizatio
 at each concurrency for signed-url, list and feedback, the targets interleaved so that machine noise
 spreads over all of them; with `--fresh-processes`, every Python target is started afresh for each round
 (two processes of the same code differ by a few per cent). Then a memory soak: the gateway's RSS after a
-warm-up and after 100,000 more requests (signed-url, list and feedback in turn). It prints req/s, p50, p99, the ratios and the targets,
-and writes `bench-<time>.json` and `.png` (matplotlib, if installed) to `tests/perf/results/`.
+warm-up and after 100,000 more requests (signed-url, list and feedback in turn). It prints req/s, p50, p99,
+the ratios and the targets, and writes `bench-<time>.json` and `.png` (matplotlib, if installed) to
+`tests/perf/results/`.
 Absolute numbers on a shared machine are noise; the ratios measured side by side are the figures.
 """
 
